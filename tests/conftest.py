@@ -1,0 +1,18 @@
+"""Shared fixtures: a tiny random checkpoint in the official layout, made once per test session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from engine.tools.make_checkpoint import make_checkpoint
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-model"), size="tiny", seed=0)
