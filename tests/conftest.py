@@ -11,6 +11,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+# The engine runs the LLM and flow/HiFT workers in parallel threads; with torch's default intra-op
+# threads per worker they oversubscribe the 2-core CI machine and OpenMP spinning makes tests crawl.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:

@@ -1,0 +1,336 @@
+"""``VLLMBackend``: the LLM stage on vLLM 0.26 ``AsyncLLM`` (implements ``engine.llm.backend.LLMBackend``).
+
+Requests are unified-id token prompts with DELTA outputs; vLLM's engine core runs in its own process
+(spawned), so nothing here blocks the event loop. Bistream runs as a vLLM streaming-input session
+(one request whose chunks come from ``BistreamPlanner``) or, as a fallback, as one request per chunk
+resubmitted with the whole fed prefix (prefix caching makes the re-prefill cheap). ``abort`` and a
+consumer that stops iterating both abort the vLLM request, so a disconnect leaves nothing running.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+from engine.checkpoint import ModelDir
+from engine.config import LLMConfig
+from engine.llm import ids as uid
+from engine.llm.backend import LLMRequest
+from engine.llm.vllm_backend import hf_config
+from engine.llm.vllm_backend.bistream_plan import BistreamPlanner, Chunk
+from engine.llm.vllm_backend.logits_math import RowParams
+from engine.llm.vllm_backend.sampling import base_kwargs, make_sampling_params, request_kwargs, sampler_kwargs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VLLMOptions:
+    """Engine settings. Start vLLM before flow/HiFT allocate: it checks that
+    ``gpu_memory_utilization`` of the whole card is free when it starts."""
+    gpu_memory_utilization: float = 0.30
+    max_num_seqs: int = 256
+    max_model_len: int = 4096
+    max_num_batched_tokens: int | None = None
+    dtype: str = "bfloat16"
+    fp32_head: bool = True                # llm_decoder logits accumulated in float32
+    enforce_eager: bool = False           # no torch.compile / CUDA graphs (fast start, tests)
+    cudagraph_capture_sizes: list[int] | None = None
+    logits_processor: bool = True         # RAS + bistream forcing; False keeps Model Runner V2
+    bistream_transport: Literal["session", "resubmit"] = "session"
+    bistream_max_tokens: int = 2000       # safety bound per bistream chunk when the request has none
+    greedy: bool = False                  # tests only: argmax decoding
+    seed: int = 0
+    warmup_requests: int = 16             # concurrent requests before ready (Triton top-k JIT)
+    config_cache_dir: str | None = None   # where the HF side directory goes (hf_config.side_dir)
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)   # passed to AsyncEngineArgs as is
+
+
+def engine_kwargs(model_dir: str | Path, opts: VLLMOptions, cfg: LLMConfig) -> dict:
+    """AsyncEngineArgs keyword arguments (no vLLM import; creates the side directory)."""
+    overrides = hf_config.hf_overrides(cfg)
+    if opts.fp32_head and opts.dtype != "float32":
+        overrides["head_dtype"] = "float32"
+    kw: dict[str, Any] = dict(
+        model=str(hf_config.side_dir(model_dir, opts.config_cache_dir, opts.dtype)),
+        skip_tokenizer_init=True, generation_config="vllm", hf_overrides=overrides,
+        load_format="pt", dtype=opts.dtype, seed=opts.seed,
+        gpu_memory_utilization=opts.gpu_memory_utilization, max_num_seqs=opts.max_num_seqs,
+        max_model_len=opts.max_model_len, enforce_eager=opts.enforce_eager,
+        enable_prefix_caching=True, disable_log_stats=True,
+    )
+    if opts.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = opts.max_num_batched_tokens
+    if opts.cudagraph_capture_sizes:
+        kw["cudagraph_capture_sizes"] = list(opts.cudagraph_capture_sizes)
+    if opts.logits_processor:
+        kw["logits_processors"] = [hf_config.PROCESSOR]
+    kw.update(opts.engine_kwargs)
+    return kw
+
+
+class VLLMBackend:
+    def __init__(self, model_dir: str | Path, options: VLLMOptions | None = None):
+        self.model_dir = Path(model_dir)
+        self.opts = options or VLLMOptions()
+        self.cfg = ModelDir(self.model_dir).config().llm
+        self.engine = None
+        self.startup: dict[str, float] = {}
+        self._live: dict[str, str] = {}          # our request id -> current vLLM request id
+        self._aborted: set[str] = set()
+        self._wake: dict[str, asyncio.Event] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the vLLM engine core and warm it up; returns once the first user would not pay
+        any compilation."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from engine.llm.vllm_backend.plugin import register
+        register()
+        # The engine core must be spawned: a server has CUDA initialised (flow/HiFT) and a forked
+        # child cannot use it. The plugin entry point re-registers the model in the spawned process.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        t0 = time.perf_counter()
+        args = AsyncEngineArgs(**engine_kwargs(self.model_dir, self.opts, self.cfg))
+        self.engine = AsyncLLM.from_engine_args(args)
+        t1 = time.perf_counter()
+        await self.warmup()
+        self.startup = {"engine_s": t1 - t0, "warmup_s": time.perf_counter() - t1}
+        log.info("vLLM backend ready: %s", self.startup)
+
+    async def warmup(self) -> None:
+        """Concurrent short requests (RAS and plain top-k): the first batch with several running
+        requests JIT-compiles vLLM's Triton top-k/top-p kernel (~9 s on an H100)."""
+        n = max(1, self.opts.warmup_requests)
+        rng = random.Random(0)
+
+        async def one(i: int) -> None:
+            req = LLMRequest(f"warmup-{i}", [rng.randrange(1000) for _ in range(8)], min_tokens=4,
+                             max_tokens=16, seed=i, ras=bool(i % 2))
+            async for _ in self.generate(req):
+                pass
+        for _ in range(2):
+            await asyncio.gather(*(one(i) for i in range(n)))
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    # -- plain requests -------------------------------------------------------------------------
+    def request_kwargs(self, request: LLMRequest, prompt_len: int) -> dict:
+        lo, hi = request.length_bounds()
+        return request_kwargs(prompt_len=prompt_len, min_len=lo, max_len=hi,
+                              max_model_len=self.opts.max_model_len, seed=request.seed, ras=request.ras,
+                              processor=self.opts.logits_processor, greedy=self.opts.greedy,
+                              cfg=self.cfg.sampling)
+
+    async def generate(self, request: LLMRequest) -> AsyncIterator[list[int]]:
+        """Speech tokens (ids < 6561) of ``request`` as vLLM decodes them."""
+        prompt = uid.prefix_unified_ids(request.prompt_text_ids, request.text_ids, request.prompt_speech_tokens)
+        kwargs = self.request_kwargs(request, len(prompt))
+        try:
+            async for out in self.generate_raw(request.request_id, prompt, kwargs):
+                toks = [t for t in out.outputs[0].token_ids if t < uid.EOS]
+                if toks:
+                    yield toks
+        finally:
+            self._aborted.discard(request.request_id)
+
+    async def generate_raw(self, request_id: str, prompt_ids: list[int], kwargs: dict,
+                           vllm_id: str | None = None) -> AsyncIterator[Any]:
+        """vLLM RequestOutputs (DELTA) of one token-prompt request; aborts it if the consumer leaves
+        early. ``kwargs`` are SamplingParams keyword arguments (tests add ``logprobs``)."""
+        from vllm.inputs import TokensPrompt
+        vid = vllm_id or request_id
+        self._live[request_id] = vid
+        finished = False
+        try:
+            if request_id in self._aborted:
+                return
+            gen = self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)),
+                                       make_sampling_params(kwargs), vid)
+            async for out in gen:
+                finished = out.finished
+                yield out
+                if finished or request_id in self._aborted:
+                    break
+        finally:
+            if not finished:
+                await self._abort_vllm(vid)
+            if self._live.get(request_id) == vid:
+                del self._live[request_id]
+
+    # -- bistream -------------------------------------------------------------------------------
+    async def generate_bistream(self, request: LLMRequest,
+                                text_ids: AsyncIterator[list[int]]) -> AsyncIterator[list[int]]:
+        """Speech tokens while ``text_ids`` streams in (cosyvoice2.md §2.8; ``request.text_ids`` unused)."""
+        rid = request.request_id
+        planner = BistreamPlanner(request.prompt_text_ids, request.prompt_speech_tokens,
+                                  tuple(self.cfg.mix_ratio))
+        wake = self._wake[rid] = asyncio.Event()
+        failure: list[BaseException] = []
+
+        async def pump() -> None:
+            try:
+                async for ids in text_ids:
+                    planner.add_text(list(ids))
+                    wake.set()
+            except Exception as exc:  # surfaced to the consumer below
+                failure.append(exc)
+            planner.end_text()
+            wake.set()
+
+        pump_task = asyncio.create_task(pump())
+        use_session = self.opts.bistream_transport == "session" and self.opts.logits_processor
+        run = self._session_chunks if use_session else self._resubmit_chunks
+        try:
+            async for toks in run(request, planner, wake, failure):
+                yield toks
+        finally:
+            pump_task.cancel()
+            self._wake.pop(rid, None)
+            self._aborted.discard(rid)
+
+    async def _next_chunk(self, rid: str, planner: BistreamPlanner, wake: asyncio.Event,
+                          failure: list[BaseException]) -> Chunk | None:
+        while True:
+            if failure:
+                raise failure[0]
+            if rid in self._aborted or planner.done:
+                return None
+            wake.clear()
+            chunk = planner.next_chunk()
+            if chunk is not None:
+                return chunk
+            if planner.text_ended and not planner.incoming:
+                return None
+            await wake.wait()
+
+    def _chunk_kwargs(self, request: LLMRequest, chunk: Chunk, max_tokens: int, processor: bool) -> dict:
+        kw = base_kwargs(request.seed, max_tokens, chunk.stop_ids)
+        row = RowParams(mask_ids=list(chunk.mask_ids), force_fill_at=chunk.force_fill_at if processor else None,
+                        history=list(chunk.history))
+        kw.update(sampler_kwargs(row, ras=request.ras, processor=processor, greedy=self.opts.greedy,
+                                 cfg=self.cfg.sampling, min_tokens=0))
+        return kw
+
+    def _safety(self, request: LLMRequest) -> int:
+        """max_tokens of every bistream chunk: a session keeps its first chunk's value for all chunks,
+        so it must cover a streaming chunk (15 speech ids + fill) as well as the final phase."""
+        want = max(request.max_tokens or self.opts.bistream_max_tokens, self.cfg.mix_ratio[1] + 1)
+        return min(want, self.opts.max_model_len - 1)
+
+    async def _session_chunks(self, request, planner, wake, failure) -> AsyncIterator[list[int]]:
+        """One vLLM streaming-input session; each chunk is queued only after the previous one
+        stopped (its outputs decide the next chunk). Fill forcing is done by the logits processor
+        because a session's max_tokens is fixed by its first chunk."""
+        from vllm.engine.protocol import StreamingInput
+        from vllm.inputs import TokensPrompt
+        rid = request.request_id
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def inputs():
+            while (item := await queue.get()) is not None:
+                # vLLM extends the prompt list in place: always hand over a copy.
+                yield StreamingInput(prompt=TokensPrompt(prompt_token_ids=list(item[0])),
+                                     sampling_params=item[1])
+
+        gen = None
+        finished = False
+        max_tokens = self._safety(request)
+        self._live[rid] = rid
+        try:
+            while (chunk := await self._next_chunk(rid, planner, wake, failure)) is not None:
+                sp = make_sampling_params(self._chunk_kwargs(request, chunk, max_tokens, True))
+                if gen is None:
+                    gen = self.engine.generate(inputs(), sp, rid)
+                await queue.put((chunk.ids, sp))
+                sampled: list[int] = []
+                while True:
+                    out = await gen.__anext__()
+                    o = out.outputs[0]
+                    sampled += o.token_ids
+                    toks = [t for t in o.token_ids if t < uid.EOS]
+                    if toks:
+                        yield toks
+                    if out.finished:
+                        finished = True
+                        if rid in self._aborted or o.finish_reason == "abort":
+                            return
+                    if o.finish_reason is not None or out.finished:
+                        break
+                if not chunk.final and (not sampled or sampled[-1] != uid.FILL):
+                    raise RuntimeError(f"bistream chunk hit the max_tokens bound ({max_tokens})")
+                planner.finish_chunk(sampled)
+            if gen is not None and not finished:
+                await queue.put(None)           # end of input: vLLM closes the session
+                async for out in gen:
+                    if out.finished:
+                        finished = True
+                        break
+        finally:
+            if gen is not None and not finished:
+                await self._abort_vllm(rid)
+            self._live.pop(rid, None)
+
+    async def _resubmit_chunks(self, request, planner, wake, failure) -> AsyncIterator[list[int]]:
+        """Fallback: one vLLM request per chunk whose prompt is everything fed so far; a forced
+        fill is a length cut (max_tokens) followed by a synthetic fill."""
+        rid = request.request_id
+        processor = self.opts.logits_processor
+        k = 0
+        while (chunk := await self._next_chunk(rid, planner, wake, failure)) is not None:
+            prompt = list(planner.fed)
+            budget = self.opts.max_model_len - len(prompt)
+            if budget < 1:
+                raise RuntimeError("bistream context exceeds max_model_len")
+            limit = chunk.force_fill_at if chunk.force_fill_at is not None else self._safety(request)
+            kw = self._chunk_kwargs(request, Chunk(chunk.ids, chunk.final, None, chunk.history,
+                                                   chunk.mask_ids), min(limit, budget), processor)
+            sampled: list[int] = []
+            aborted = False
+            async for out in self.generate_raw(rid, prompt, kw, vllm_id=f"{rid}#{k}"):
+                sampled += out.outputs[0].token_ids
+                toks = [t for t in out.outputs[0].token_ids if t < uid.EOS]
+                if toks:
+                    yield toks
+                aborted = out.outputs[0].finish_reason == "abort"
+            k += 1
+            if aborted or rid in self._aborted:
+                return
+            if not chunk.final and (not sampled or sampled[-1] != uid.FILL):
+                if len(sampled) != limit:
+                    raise RuntimeError("bistream chunk ended without a fill token")
+                sampled.append(uid.FILL)
+            planner.finish_chunk(sampled)
+
+    # -- cancel ---------------------------------------------------------------------------------
+    async def abort(self, request_id: str) -> None:
+        """Abort the request's current vLLM request; its iterator ends. Unknown ids are ignored."""
+        vid = self._live.get(request_id)
+        if vid is None and request_id not in self._wake:
+            return
+        self._aborted.add(request_id)
+        if request_id in self._wake:
+            self._wake[request_id].set()
+        if vid is not None:
+            await self._abort_vllm(vid)
+
+    async def _abort_vllm(self, vid: str) -> None:
+        if self.engine is not None:
+            try:
+                await self.engine.abort(vid)
+            except Exception:  # engine already shut down
+                log.debug("abort of %s failed", vid, exc_info=True)
+
+    def running_requests(self) -> int:
+        """vLLM's count of running plus waiting requests (tests: a cancel must leave none)."""
+        return self.engine.output_processor.get_num_unfinished_requests()

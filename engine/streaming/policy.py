@@ -1,0 +1,162 @@
+"""Chunk planning, deadline ordering and budget packing (pure functions, no torch).
+
+Units: tokens are speech tokens (25 per second of audio, 2 mel frames each); times are seconds on
+one monotonic clock; slack is seconds of audio the client still has buffered (negative: an underrun
+is in progress).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+TOKENS_PER_SECOND = 25
+FRAMES_PER_TOKEN = 2
+
+
+@dataclass
+class ChunkPolicy:
+    """How many tokens each chunk voices.
+
+    first chunk of an utterance: ``first_chunk_tokens`` (+ ``lookahead`` context tokens held back);
+    later chunks: ``min_chunk_tokens`` while the client's buffer is short, growing with the playback
+    slack (``slack_fraction`` of the buffered audio, in tokens) up to ``max_chunk_tokens``.
+    ``fixed_hops`` (tests, golden schedules): the hop of chunk k is ``fixed_hops[min(k, len-1)]``.
+    """
+    first_chunk_tokens: int = 15
+    lookahead: int = 3
+    min_chunk_tokens: int = 15
+    max_chunk_tokens: int = 100
+    slack_fraction: float = 0.5
+    fixed_hops: list[int] | None = None
+
+    def hop(self, chunk_index: int, slack_s: float | None) -> int:
+        """Tokens the next non-final chunk of an utterance voices (before its lookahead)."""
+        if self.fixed_hops:
+            return self.fixed_hops[min(chunk_index, len(self.fixed_hops) - 1)]
+        if chunk_index == 0 and (slack_s is None or slack_s <= 0):
+            return self.first_chunk_tokens
+        base = self.first_chunk_tokens if chunk_index == 0 else self.min_chunk_tokens
+        if slack_s is None or slack_s <= 0:
+            return base
+        grown = int(slack_s * TOKENS_PER_SECOND * self.slack_fraction)
+        return max(base, min(self.max_chunk_tokens, grown))
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One token2wav call: flow over ``tokens[:token_end]``, emit frames from ``2*token_offset``."""
+    token_end: int
+    token_offset: int
+    final: bool
+
+
+def plan_chunk(n_tokens: int, token_offset: int, llm_done: bool, hop: int, lookahead: int) -> ChunkPlan | None:
+    """The next call for an utterance holding ``n_tokens`` tokens, ``token_offset`` already voiced.
+
+    Non-final when ``hop + lookahead`` new tokens exist (upstream ``tts`` rule); otherwise the final
+    call once the LLM is done (``None`` if nothing is left, or if more tokens must be awaited).
+    """
+    remaining = n_tokens - token_offset
+    if remaining >= hop + lookahead:
+        return ChunkPlan(token_offset + hop + lookahead, token_offset, final=False)
+    if llm_done and remaining > 0:
+        return ChunkPlan(n_tokens, token_offset, final=True)
+    return None
+
+
+def schedule_all(n_tokens: int, hops: Sequence[int], lookahead: int = 3) -> list[ChunkPlan]:
+    """The whole call list when every token is available (golden ``schedules`` rule)."""
+    policy = ChunkPolicy(lookahead=lookahead, fixed_hops=list(hops))
+    plans, offset, k = [], 0, 0
+    while True:
+        p = plan_chunk(n_tokens, offset, True, policy.hop(k, None), lookahead)
+        if p is None:
+            return plans
+        plans.append(p)
+        if p.final:
+            return plans
+        offset, k = offset + (p.token_end - lookahead - offset), k + 1
+
+
+def chunk_samples(plan: ChunkPlan, first_of_utterance: bool, lookahead: int = 3,
+                  samples_per_token: int = 960, held_back: int = 3840) -> int:
+    """Samples a call emits: non-final ``hop·960`` (minus the 3840 held back on the first call);
+    final: every remaining sample, plus the 3840 held back by the previous call if there was one."""
+    if not plan.final:
+        hop = plan.token_end - lookahead - plan.token_offset
+        return hop * samples_per_token - (held_back if first_of_utterance else 0)
+    n = (plan.token_end - plan.token_offset) * samples_per_token
+    return n if first_of_utterance else n + held_back
+
+
+@dataclass
+class PlaybackClock:
+    """The client's playback buffer as the server models it (audio plays as soon as it arrives).
+
+    ``play_end`` is the wall time the client runs out of audio; a chunk arriving after it is an
+    underrun (playback stalls until the chunk arrives).
+    """
+    play_end: float | None = None
+    audio_s: float = 0.0
+    underruns: int = 0
+
+    def slack(self, now: float) -> float | None:
+        """Buffered seconds at ``now`` (None before the first audio)."""
+        return None if self.play_end is None else self.play_end - now
+
+    def deliver(self, now: float, seconds: float, count_underrun: bool = True) -> float | None:
+        """Account a chunk of ``seconds`` arriving at ``now``; returns the slack it arrived with."""
+        slack = self.slack(now)
+        if slack is not None and slack < 0 and count_underrun:
+            self.underruns += 1
+        start = now if self.play_end is None else max(self.play_end, now)
+        self.play_end = start + seconds
+        self.audio_s += seconds
+        return slack
+
+
+@dataclass(order=True)
+class Candidate:
+    """A stream ready for a call this step. Sorted by ``deadline_key``."""
+    deadline_key: tuple
+    cost_frames: int = field(compare=False)
+    stream_id: str = field(compare=False)
+    plan: ChunkPlan = field(compare=False)
+
+
+def deadline_key(has_audio: bool, slack_s: float | None, waiting_since: float) -> tuple:
+    """First audio of a stream first (oldest first), then least playback slack."""
+    if not has_audio:
+        return (0, waiting_since)
+    return (1, slack_s if slack_s is not None else -math.inf)
+
+
+def flow_cost_frames(prompt_tokens: int, plan: ChunkPlan, lookahead: int = 3) -> int:
+    """Mel frames the flow decoder computes for ``plan`` (prompt + prefix + new; no lookahead)."""
+    end = plan.token_end if plan.final else plan.token_end - lookahead
+    return FRAMES_PER_TOKEN * (prompt_tokens + end)
+
+
+def pack(candidates: Sequence[Candidate], frame_budget: int, max_batch: int,
+         urgent_frame_budget: int | None = None) -> list[Candidate]:
+    """Candidates in deadline order, greedily, while the padded batch fits ``frame_budget``.
+
+    A batched flow call pads every row to the longest one, so the cost of a batch is
+    ``rows × max(cost_frames)``. The most urgent candidate is always taken (even over budget) so
+    that no stream starves; later ones that do not fit are skipped in favour of cheaper ones behind
+    them. When the most urgent candidate is a stream's first chunk, ``urgent_frame_budget`` (if
+    given) replaces the budget, keeping that step short."""
+    chosen: list[Candidate] = []
+    longest = 0
+    ordered = sorted(candidates)
+    if ordered and urgent_frame_budget is not None and ordered[0].deadline_key[0] == 0:
+        frame_budget = min(frame_budget, urgent_frame_budget)
+    for c in ordered:
+        if len(chosen) >= max_batch:
+            break
+        if chosen and (len(chosen) + 1) * max(longest, c.cost_frames) > frame_budget:
+            continue
+        chosen.append(c)
+        longest = max(longest, c.cost_frames)
+    return chosen

@@ -1,0 +1,59 @@
+"""The batched token2wav call: ONE flow call and ONE HiFT call for every stream of a scheduler step.
+
+Per stream it does what upstream ``CosyVoice2Model.token2wav`` does for one uuid: flow over prompt +
+``tokens[:token_end]`` (non-final: chunk masks, last 3 tokens as lookahead; final: full masks, all
+tokens), keep the mel after ``2·token_offset``, vocode with the stream's HiFT cache (cross-fade,
+3840-sample hold-back). ``speed != 1`` stretches each chunk's new mel by linear interpolation.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.scheduler import CallItem
+from engine.token2wav import VocodeItem, vocode_batch
+
+
+class BatchedToken2Wav:
+    """``engine.scheduler.Token2WavRunner`` over a flow (``inference_batch``) and a HiFT generator."""
+
+    def __init__(self, flow, hift, device: torch.device | str = "cpu", lookahead: int = 3,
+                 token_mel_ratio: int = 2):
+        self.flow, self.hift = flow, hift
+        self.device = torch.device(device)
+        self.lookahead, self.ratio = lookahead, token_mel_ratio
+
+    @torch.inference_mode()
+    def run(self, items: list[CallItem]) -> list[tuple[np.ndarray, object]]:
+        """float32 24 kHz samples and the new HiFT cache (None after a final call) per item."""
+        if not items:
+            return []
+        mels = self.flow.inference_batch(
+            tokens=[it.tokens for it in items],
+            prompt_tokens=[it.prompt.tokens for it in items],
+            prompt_feats=[it.prompt.feat for it in items],
+            embeddings=torch.stack([it.prompt.embedding.reshape(-1) for it in items]).to(self.device),
+            streaming=[not it.plan.final for it in items],
+            finalize=[it.plan.final for it in items])
+        vitems = []
+        for it, mel in zip(items, mels):
+            new = mel[:, self.ratio * it.plan.token_offset:]
+            if it.speed != 1.0 and new.shape[1] > 0:
+                frames = max(1, int(new.shape[1] / it.speed))
+                new = F.interpolate(new[None], size=frames, mode="linear", align_corners=False)[0]
+            vitems.append(VocodeItem(mel=new, cache=it.cache, finalize=it.plan.final, generator=it.generator))
+        audio = vocode_batch(self.hift, vitems)
+        return [(a, v.cache) for a, v in zip(audio, vitems)]
+
+    @torch.inference_mode()
+    def warmup(self, prompt_tokens: int = 25, tokens: int = 40) -> None:
+        """One small batched call (first-call allocations, kernel selection, lazy caches)."""
+        dev = self.device
+        p = torch.zeros(prompt_tokens, dtype=torch.long)
+        self.flow.inference_batch([torch.zeros(tokens, dtype=torch.long)] * 2, [p, p[:0]],
+                                  [torch.zeros(2 * prompt_tokens, 80), torch.zeros(0, 80)],
+                                  torch.ones(2, 192, device=dev), [True, False], [False, True])
+        g = torch.Generator(device=dev)
+        g.manual_seed(0)
+        vocode_batch(self.hift, [VocodeItem(torch.zeros(80, 20, device=dev), None, False, g)])

@@ -1,0 +1,223 @@
+"""TTSEngine end to end on the tiny random checkpoint (TorchLLMBackend, CPU): segments and bistream
+input modes, continuous chunk numbering, final chunk, cancel, config and error paths."""
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from engine.api import AudioChunk, EngineError, InlinePrompt, SegmentEvent, StreamOptions
+from engine.engine import EngineConfig, TTSEngine
+
+TOKENS_PER_CHAR = 0.5
+
+
+def prompt_wav(seconds: float = 2.0, sr: int = 24000, seed: int = 0) -> bytes:
+    """A voiced-sounding test prompt (harmonic tone with vibrato and a little noise) as WAV bytes."""
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 140 + 20 * np.sin(2 * np.pi * 3 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    x = sum(0.3 / k * np.sin(k * phase) for k in range(1, 6))
+    x = x + 0.01 * np.random.default_rng(seed).standard_normal(len(t))
+    buf = io.BytesIO()
+    sf.write(buf, (0.5 * x / np.abs(x).max()).astype(np.float32), sr, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 240))
+
+
+async def _engine(model_dir, **kw) -> TTSEngine:
+    cfg = EngineConfig.load(None, model_dir=str(model_dir), device="cpu", seed=0, cuda_graphs=False,
+                            fixed_tokens_per_char=TOKENS_PER_CHAR, **kw)
+    eng = TTSEngine(cfg)
+    await eng.start()
+    await eng.register_voice("v", "This is a prompt.", prompt_wav())
+    return eng
+
+
+async def _collect(stream) -> list:
+    return [ev async for ev in stream]
+
+
+def _check_audio_events(events):
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert chunks, "no audio"
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert chunks[-1].final and not any(c.final for c in chunks[:-1])
+    for c in chunks:
+        assert c.samples.dtype == np.float32 and c.samples.ndim == 1
+        assert np.all(np.isfinite(c.samples)) and np.abs(c.samples).max() <= 1.0
+    return chunks
+
+
+def test_segments_mode_end_to_end(tiny_model_dir, one_thread):
+    async def main():
+        eng = await _engine(tiny_model_dir)
+        try:
+            s = eng.open_stream(StreamOptions(voice_id="v"))
+            for frag in ["Hello there, my frie", "nd. This is the second sen", "tence of the test! And a thi",
+                         "rd one without an end"]:
+                s.push_text(frag)
+                await asyncio.sleep(0.01)
+            s.end()
+            events = await _collect(s)
+            assert s.stats().audio_seconds > 0
+            return events, eng.metrics()
+        finally:
+            await eng.close()
+
+    events, metrics = run(main())
+    segs = [e for e in events if isinstance(e, SegmentEvent)]
+    assert len(segs) >= 2 and [g.index for g in segs] == list(range(len(segs)))
+    chunks = _check_audio_events(events)
+    # each segment is its own utterance with a fixed token count: its audio is exactly 960 per token
+    for g in segs:
+        n = sum(len(c.samples) for c in chunks if c.segment_index == g.index)
+        assert n == 960 * max(1, math.ceil(len(g.text) * TOKENS_PER_CHAR)), g
+        assert all(c.segment_text == g.text for c in chunks if c.segment_index == g.index)
+    # a segment's event comes before its audio; segments are voiced in order
+    order = [e.index if isinstance(e, SegmentEvent) else None for e in events]
+    for c in chunks:
+        assert order.index(c.segment_index) < events.index(c)
+    assert [c.segment_index for c in chunks] == sorted(c.segment_index for c in chunks)
+    assert metrics["live_streams"] == 0
+
+
+def test_bistream_mode_end_to_end(tiny_model_dir, one_thread):
+    async def main():
+        eng = await _engine(tiny_model_dir)
+        try:
+            s = eng.open_stream(StreamOptions(voice_id="v", input_mode="bistream", mode="zero_shot"))
+            for frag in ["Streaming text, ", "word by word, ", "into the speech model."]:
+                s.push_text(frag)
+                await asyncio.sleep(0.01)
+            s.end()
+            return await _collect(s)
+        finally:
+            await eng.close()
+
+    events = run(main())
+    chunks = _check_audio_events(events)
+    assert sum(len(c.samples) for c in chunks) % 960 == 0
+    assert any(isinstance(e, SegmentEvent) for e in events)
+
+
+def test_concurrent_streams_and_modes(tiny_model_dir, one_thread):
+    async def main():
+        eng = await _engine(tiny_model_dir)
+        try:
+            opts = [StreamOptions(voice_id="v"), StreamOptions(voice_id="v", mode="cross_lingual"),
+                    StreamOptions(voice_id="v", mode="instruct2", instruct_text="Speak slowly."),
+                    StreamOptions(inline_prompt=InlinePrompt("Another prompt.", prompt_wav(1.5, 16000, 1)),
+                                  speed=1.25)]
+            streams = [eng.open_stream(o) for o in opts]
+            for st in streams:
+                st.push_text("Short sentence number one. ")
+                st.end()
+            results = await asyncio.gather(*[_collect(st) for st in streams])
+            return results, list(eng.scheduler.steps)
+        finally:
+            await eng.close()
+
+    results, steps = run(main())
+    for events in results:
+        _check_audio_events(events)
+    # every chunk came out of exactly one scheduler call (batching itself: tests/test_scheduler.py)
+    n_chunks = sum(1 for events in results for e in events if isinstance(e, AudioChunk) and len(e.samples))
+    assert sum(r.batch for r in steps) == n_chunks
+
+
+def test_cancel_mid_stream_stops_audio_and_frees_state(tiny_model_dir, one_thread):
+    async def main():
+        eng = await _engine(tiny_model_dir, first_chunk_tokens=5, min_chunk_tokens=5, max_chunk_tokens=5)
+        try:
+            s = eng.open_stream(StreamOptions(voice_id="v", first_chunk_tokens=5, max_chunk_tokens=5))
+            s.push_text("This is a rather long sentence that will take a while to speak out loud. " * 3)
+            s.flush()
+            got = []
+            async for ev in s:
+                got.append(ev)
+                if isinstance(ev, AudioChunk):
+                    s.cancel()
+            n_audio = sum(isinstance(e, AudioChunk) for e in got)
+            for _ in range(200):   # the worker drops the state within one step
+                await asyncio.sleep(0.02)
+                if eng.scheduler.live_streams == 0 and eng.backend.active_requests() == 0:
+                    break
+            return n_audio, eng.scheduler.live_streams, eng.backend.active_requests(), len(eng._streams)
+        finally:
+            await eng.close()
+
+    n_audio, live, active, open_streams = run(main())
+    assert n_audio == 1 and live == 0 and active == 0 and open_streams == 0
+
+
+def test_open_stream_errors(tiny_model_dir):
+    async def main():
+        eng = TTSEngine(EngineConfig.load(None, model_dir=str(tiny_model_dir), device="cpu", cuda_graphs=False))
+        with pytest.raises(EngineError) as e:
+            eng.open_stream(StreamOptions(voice_id="v"))
+        assert e.value.code == "not_ready"
+        await eng.start()
+        try:
+            cases = [(StreamOptions(voice_id="nobody"), "voice_not_found"),
+                     (StreamOptions(), "missing_field"),
+                     (StreamOptions(voice_id="x", mode="bogus"), "invalid_field"),
+                     (StreamOptions(voice_id="x", speed=5.0), "invalid_field"),
+                     (StreamOptions(voice_id="x", mode="instruct2"), "missing_field"),
+                     (StreamOptions(inline_prompt=InlinePrompt("hi", b"not audio")), None)]
+            for opts, code in cases:
+                with pytest.raises(EngineError) as e:
+                    eng.open_stream(opts)
+                assert code is None or e.value.code == code, (opts, e.value.code)
+        finally:
+            await eng.close()
+
+    run(main())
+
+
+def test_engine_config_yaml_and_overrides(tmp_path):
+    p = tmp_path / "e.yaml"
+    p.write_text("max_batch: 7\nfirst_chunk_tokens: 20\n")
+    cfg = EngineConfig.load(p, max_batch=3)
+    assert cfg.max_batch == 3 and cfg.first_chunk_tokens == 20
+    with pytest.raises(ValueError):
+        EngineConfig.load(p, not_a_key=1)
+    default = EngineConfig.load()          # configs/engine.yaml parses and matches the dataclass
+    assert default.first_chunk_tokens == 15 and default.lookahead_tokens == 3
+    pol = default.policy(StreamOptions(first_chunk_tokens=10, max_chunk_tokens=50))
+    assert pol.first_chunk_tokens == 10 and pol.max_chunk_tokens == 50
+
+
+def test_engine_bench_cpu_smoke(tiny_model_dir, tmp_path, one_thread):
+    """bench/engine_bench.py end to end on CPU (bounded run; no performance assertion)."""
+    import json
+
+    from bench.engine_bench import bench, markdown, parse_args
+    args = parse_args(["--model", str(tiny_model_dir), "--device", "cpu", "--concurrency", "2", "--no-batching",
+                       "--baseline-concurrency", "1", "--text-chars", "30", "--max-run-s", "8", "--no-warmup",
+                       "--ramp-s", "0.2"])
+    meta, runs = asyncio.run(bench(args))
+    assert [(r["concurrency"], r["batching"]) for r in runs] == [(2, True), (1, False)]
+    for r in runs:
+        assert r["wall_s"] <= 8 + 5 and r["audio_s"] > 0 and r["flow_calls"] > 0
+        assert r["ttfa_from_release_first_segment_p50_s"] is not None
+    assert runs[1]["mean_batch"] == 1.0
+    table = markdown(meta, runs)
+    assert table.count("\n| ") == 1 + len(runs)      # header + one row per run
+    json.dumps({"meta": meta, "runs": runs})
