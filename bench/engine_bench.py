@@ -106,7 +106,7 @@ class StreamResult:
 async def run_stream(engine, opts: StreamOptions, text: str, chars_per_s: float, start_delay: float,
                      res: StreamResult) -> None:
     await asyncio.sleep(start_delay)
-    stream = engine.open_stream(opts)
+    stream = await engine.open_stream(opts)
     res.first_text = time.monotonic()
 
     async def feed():

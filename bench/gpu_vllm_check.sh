@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 case "$1" in
   tests)
     mk tiny "$COSY_GPU_TINY_DIR"; mk full "$COSY_GPU_FULL_DIR"
-    python3 -m pytest tests/gpu -v -s -rA -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|ERROR|start-up|tokens|RAS:|cancelled|bistream|passed|failed|Error" | head -80
+    python3 -m pytest ${TESTS:-tests/gpu} -v -s -rA -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|ERROR|start-up|tokens|RAS:|cancelled|bistream|passed|failed|Error" | head -80
     ;;
   bench)
     mk full "$COSY_GPU_FULL_DIR"

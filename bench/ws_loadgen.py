@@ -171,7 +171,8 @@ async def run(a: argparse.Namespace) -> dict:
     audio = sum(r.audio_s for r in results)
     return {
         "clients": a.clients, "contexts": len(results), "ok": sum(r.ok for r in results), "failures": failures,
-        "ttfa_p50_ms": _ms(pct(ttfa, 50)), "ttfa_p95_ms": _ms(pct(ttfa, 95)), "ttfa_max_ms": _ms(max(ttfa, default=None)),
+        "ttfa_p50_ms": _ms(pct(ttfa, 50)), "ttfa_p95_ms": _ms(pct(ttfa, 95)),
+        "ttfa_max_ms": _ms(max(ttfa, default=None)),
         "gap_p95_ms": _ms(pct(gaps, 95)), "gap_max_ms": _ms(max(gaps, default=None)),
         "underruns": sum(r.underruns for r in results),
         "contexts_with_underruns": sum(1 for r in results if r.underruns),
@@ -266,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         if "## WebSocket load (bench/ws_loadgen.py)" not in text:
             text += ("\n## WebSocket load (bench/ws_loadgen.py)\n\nMeasured at the client over loopback: TTFA from "
                      "the first text message; a gap is the time between audio messages; an underrun is an audio "
-                     "message arriving after the audio before it would have finished playing.\n\n" + HEADER + "\n")
+                     "message arriving after the audio before it would have finished playing. Random-weight runs "
+                     "fix the token count with --tokens-per-char 5/3 (as bench/engine_bench.py); the text is the "
+                     "default 142-character assistant reply in 4-character messages.\n\n" + HEADER + "\n")
         path.write_text(text + row + "\n")
     return 0 if not result["failures"] else 1
 

@@ -5,7 +5,7 @@ implements it.
 
 Lifecycle of one stream::
 
-    stream = engine.open_stream(StreamOptions(voice_id="alice"))
+    stream = await engine.open_stream(StreamOptions(voice_id="alice"))
     stream.push_text("Hello wor"); stream.push_text("ld. How are"); stream.end()
     async for event in stream:          # SegmentEvent and AudioChunk, in order
         ...                             # the last AudioChunk has final=True
@@ -102,7 +102,8 @@ class Engine(Protocol):
     async def start(self) -> None: ...            # load + warm up; ready() is True afterwards
     async def close(self) -> None: ...
     def ready(self) -> bool: ...
-    def open_stream(self, options: StreamOptions) -> EngineStream: ...   # raises EngineError
+    async def open_stream(self, options: StreamOptions) -> EngineStream: ...   # raises EngineError
+    # (async: an inline prompt is processed off the event loop before the stream opens)
     async def register_voice(self, voice_id: str, prompt_text: str, audio: bytes,
                              overwrite: bool = False) -> VoiceInfo: ...
     def list_voices(self) -> list[VoiceInfo]: ...

@@ -93,6 +93,9 @@ class _Voice:
 _END = object()
 
 
+_NO_STOP = 1 << 30   # min_tokens that no request reaches: never accept a stop id
+
+
 class TTSStream:
     """One synthesis stream (``engine.api.EngineStream``). Methods are called on the event loop.
 
@@ -245,8 +248,11 @@ class TTSStream:
         seed = None if self._seed is None else self._seed * 1000 + len(self._request_ids)
         req = LLMRequest(rid, text_ids, prompt_text_ids, speech, seed=seed)
         per_char = self.engine.config.fixed_tokens_per_char
-        if per_char:
+        if per_char and text:
             req.min_tokens = req.max_tokens = max(1, math.ceil(len(text) * per_char))
+        elif per_char:
+            # bistream: the cap is known only at end of text; _run_bistream aborts the request there
+            req.min_tokens = _NO_STOP
         return req
 
     async def _run_segment(self, index: int, text: str, text_ids: list[int]) -> None:
@@ -353,6 +359,8 @@ class TTSEngine:
     # ---- lifecycle ----
     async def start(self) -> None:
         cfg = self.config
+        if cfg.llm_backend == "auto":
+            cfg.llm_backend = resolve_llm_backend(cfg.device)
         if self.backend is None and cfg.llm_backend == "vllm":
             # vLLM checks that its share of the card is free, so it starts before flow/HiFT allocate.
             self.backend = self._build_backend()
@@ -423,8 +431,10 @@ class TTSEngine:
         return self._ready
 
     # ---- streams ----
-    def open_stream(self, options: StreamOptions) -> TTSStream:
-        """Validate ``options`` and open a stream (raises EngineError with a protocol code)."""
+    async def open_stream(self, options: StreamOptions) -> TTSStream:
+        """Validate ``options`` and open a stream (raises EngineError with a protocol code).
+
+        An inline prompt's audio is decoded and run through the prompt models in a worker thread."""
         if not self._ready:
             raise EngineError("not_ready", "the engine is still loading")
         if options.mode not in MODES:
@@ -441,7 +451,9 @@ class TTSEngine:
             raise EngineError("missing_field", "instruct2 needs instruct_text")
         if len(self._streams) >= self.config.max_streams:
             raise EngineError("too_many_contexts", f"the engine serves at most {self.config.max_streams} streams")
-        voice = self._resolve_voice(options)
+        voice = await asyncio.to_thread(self._resolve_voice, options)
+        if len(self._streams) >= self.config.max_streams:   # checked again: others opened meanwhile
+            raise EngineError("too_many_contexts", f"the engine serves at most {self.config.max_streams} streams")
         stream = TTSStream(self, options, voice)
         self._streams[stream.stream_id] = stream
         return stream
@@ -487,6 +499,13 @@ class TTSEngine:
             out["gpu_memory_allocated_bytes"] = float(torch.cuda.memory_allocated(self.models.device))
             out["gpu_memory_peak_bytes"] = float(torch.cuda.max_memory_allocated(self.models.device))
         return out
+
+
+def resolve_llm_backend(device: str) -> str:
+    """'auto': vLLM when it is installed and the engine runs on CUDA, else the torch backend."""
+    import importlib.util
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "vllm" if on_cuda and importlib.util.find_spec("vllm") is not None else "torch"
 
 
 def voice_from_prompt(vp, mode: str) -> _Voice:

@@ -80,7 +80,7 @@ class StreamSpec:
     """What the scheduler needs to know about a new stream."""
     stream_id: str
     prompt: FlowPrompt
-    sink: Callable[[ChunkOut], None]
+    sink: Callable[[ChunkOut | None], None]   # called on the worker thread; None = the stream failed
     policy: ChunkPolicy = field(default_factory=ChunkPolicy)
     speed: float = 1.0
     seed: int | None = None

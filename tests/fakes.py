@@ -124,7 +124,7 @@ class FakeEngine:
     def ready(self) -> bool:
         return self._ready
 
-    def open_stream(self, options: StreamOptions) -> FakeStream:
+    async def open_stream(self, options: StreamOptions) -> FakeStream:
         if options.voice_id is not None and options.voice_id not in self.voices:
             raise EngineError("voice_not_found", f"no voice {options.voice_id!r}")
         s = FakeStream(self, f"s{len(self.streams)}", options)

@@ -297,3 +297,34 @@ def test_playback_clock_counts_late_audio_as_underruns():
     clock.on_audio(11.6, 0.5)     # late: 1.5 s had played out by 11.5
     clock.on_audio(11.8, 2.0)     # in time (played until 12.0)
     assert (clock.underruns, clock.audio_seconds, clock.first_audio_at) == (1, 4.0, 10.0)
+
+
+def test_web_demo_msgpack_codec_matches_the_python_codec():
+    """web_demo/msgpack.js decodes and re-encodes server frames, and its client frames decode here."""
+    import json
+    import shutil
+    import subprocess
+    node = shutil.which("node")
+    assert node, "node (Debian nodejs) is needed to test the web demo's codec"
+    script = """
+      const fs = require("fs");
+      eval(fs.readFileSync(process.argv[1], "utf8") + "; globalThis.MsgPack = MsgPack;");
+      const frames = JSON.parse(fs.readFileSync(0, "utf8"));
+      const again = frames.map((h) => Buffer.from(MsgPack.encode(MsgPack.decode(Buffer.from(h, "hex")))).toString("hex"));
+      const start = Buffer.from(MsgPack.encode({type: "start", context_id: "web-1", voice_id: "alice", speed: 1.5,
+        sample_rate: 24000, encoding: "pcm_f32le", text_normalization: false, prompt: undefined})).toString("hex");
+      const reg = Buffer.from(MsgPack.encode({type: "voice.register", voice_id: "v", prompt_text: "t",
+        audio: new Uint8Array(70000).fill(7)})).toString("hex");
+      process.stdout.write(JSON.stringify({again, start, reg}));
+    """
+    frames = [codec.encode(x) for x in SERVER_EXAMPLES]
+    frames.append(codec.encode(m.Audio("c", 70000, bytes(range(256)) * 300, "pcm_f32le", 48000, -1, "é" * 40, True)))
+    out = subprocess.run([node, "-e", script, str(REPO / "web_demo" / "msgpack.js")], capture_output=True, text=True,
+                         input=json.dumps([f.hex() for f in frames]), timeout=60, check=True)
+    res = json.loads(out.stdout)
+    # equal messages (JS numbers cannot keep 3.0 apart from 3, so a float may come back as an int)
+    assert [codec.decode_server(bytes.fromhex(h)) for h in res["again"]] == [codec.decode_server(f) for f in frames]
+    assert bytes.fromhex(res["again"][-1]) == frames[-1]   # str, bin 32, uint32, negative int, bool
+    assert codec.decode_client(bytes.fromhex(res["start"])) == m.Start(
+        "web-1", voice_id="alice", speed=1.5, encoding="pcm_f32le", text_normalization=False)
+    assert codec.decode_client(bytes.fromhex(res["reg"])) == m.VoiceRegister("v", "t", b"\x07" * 70000)

@@ -463,3 +463,28 @@ def test_bucket_padding_of_the_flow_estimator_is_exact(one_thread):
     padded.decoder.estimator = small
     padded.inference_batch(*args)
     assert small.eager_calls == 10 and not small._graphs               # outside every bucket: eager
+
+
+def test_a_failing_call_fails_its_streams_and_the_worker_goes_on():
+    class Flaky(FakeRunner):
+        def run(self, items):
+            if any(int(it.tokens.shape[0]) == 33 for it in items):
+                raise RuntimeError("out of memory")
+            return super().run(items)
+
+    sch = Scheduler(Flaky(), SchedulerConfig(max_batch=1), clock=lambda: 0.0)
+    bad, good = Collector(), Collector()
+    sch.open(StreamSpec("bad", _prompt(), bad, ChunkPolicy(fixed_hops=[15])))
+    sch.begin_utterance("bad", 0)
+    sch.add_tokens("bad", 0, list(range(40)))        # its second call (token_end 33) fails
+    while sch.step_once():
+        pass
+    assert bad.chunks[-1] is None and "bad" not in sch._streams and isinstance(sch.error, RuntimeError)
+    sch.open(StreamSpec("good", _prompt(), good, ChunkPolicy(fixed_hops=[15])))
+    sch.begin_utterance("good", 0)
+    sch.add_tokens("good", 0, list(range(20)))
+    sch.end_utterance("good", 0)
+    sch.end_stream("good")
+    while sch.step_once():
+        pass
+    assert good.chunks[-1].final and sum(len(c.samples) for c in good.chunks) == 20 * 960

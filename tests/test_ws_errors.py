@@ -254,6 +254,16 @@ def test_http_routes_and_metrics():
     run(scenario())
 
 
+async def settled(stream, quiet_s: float = 0.3, timeout: float = 20.0) -> int:
+    """The stream's chunk count once it has stopped growing for ``quiet_s``."""
+    last = -1
+    async with asyncio.timeout(timeout):
+        while stream.chunks != last:
+            last = stream.chunks
+            await asyncio.sleep(quiet_s)
+    return last
+
+
 def test_slow_reader_pauses_only_its_own_streams():
     async def scenario():
         eng = FakeEngine(chunk_tokens=10, chunk_delay_s=0.001)
@@ -264,8 +274,7 @@ def test_slow_reader_pauses_only_its_own_streams():
                 assert isinstance(await slow.recv(), m.Started)
                 total = 601   # chunks the slow stream would make if nothing held it back
                 s_stream = eng.streams[0]
-                await asyncio.sleep(1.0)                      # it fills the socket buffers, then stalls
-                stalled_at = s_stream.chunks
+                stalled_at = await settled(s_stream)          # it fills the socket buffers, then stalls
                 assert stalled_at < total
                 _, _, body = await http_get(srv.port, "/metrics")
                 queued = int(body.decode().split("\ncosy_send_queue_bytes ")[1].split()[0])
@@ -292,7 +301,7 @@ def test_client_disconnect_cancels_streams_and_leaks_no_tasks():
                 await c.send(m.Start("b", voice_id="default", text="Another one. " * 5))
                 await c.until(lambda x: isinstance(x, m.Audio))
                 await c.send(m.VoiceRegister("v", "hi", wav_bytes(0.5)))
-            for _ in range(100):
+            for _ in range(250):
                 if not srv.sessions and not eng.live and len(asyncio.all_tasks()) <= baseline:
                     break
                 await asyncio.sleep(0.02)
@@ -332,9 +341,9 @@ def test_graceful_shutdown_finishes_or_cancels_within_the_deadline():
             async with Client.connect(srv) as quick, Client.connect(srv) as slow:
                 await quick.send(m.Start("q", voice_id="default", text="Hi."))
                 await quick.send(m.End("q"))
-                await slow.send(m.Start("s", voice_id="default", text="word " * 400 + "."))
+                await slow.send(m.Start("s", voice_id="default", text="word " * 1000 + "."))   # ~10 s of work
                 await slow.until(lambda x: isinstance(x, m.Audio))
-                await srv.shutdown(deadline_s=0.5)
+                await srv.shutdown(deadline_s=2.0)
                 assert isinstance((await quick.until(lambda x: isinstance(x, m.Done)))[-1], m.Done)
                 msgs = await slow.until(lambda x: isinstance(x, m.Cancelled))
                 assert msgs[-1] == m.Cancelled("s")

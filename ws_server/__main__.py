@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     add_cli_flags(ap)
     cfg = config_from_args(ap.parse_args(argv))
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().level > logging.DEBUG:   # one line per health probe is noise
+        logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
         ModelDir(cfg.model_path()).require("llm", "flow", "hift", "campplus", "speech_tokenizer", "tokenizer_dir")
     except CheckpointError as exc:
@@ -62,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         import uvloop
-        return uvloop.run(serve(cfg))
     except ImportError:  # uvloop is not available on Windows
         return asyncio.run(serve(cfg))
+    return uvloop.run(serve(cfg))
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ class Session:
             inline_prompt=InlinePrompt(msg.prompt.text, msg.prompt.audio) if msg.prompt else None,
             mode=msg.mode, instruct_text=msg.instruct_text, speed=msg.speed, input_mode=msg.input_mode,
             text_normalization=msg.text_normalization, first_chunk_tokens=msg.first_chunk_tokens)
-        stream = self.engine.open_stream(options)
+        stream = await self.engine.open_stream(options)
         ctx = Context(cid, stream, AudioEncoder(msg.encoding, msg.sample_rate), self.outbox, self.metrics)
         self.contexts[cid] = ctx
         self.metrics.contexts += 1

@@ -23,7 +23,10 @@ class LLMRequest:
     text_ids: list[int]
     prompt_text_ids: list[int] = field(default_factory=list)
     prompt_speech_tokens: list[int] = field(default_factory=list)
-    min_tokens: int | None = None   # default int(2 * len(text_ids)); bistream: unused
+    # min_tokens: default int(2 * len(text_ids)), before which only eos (6561) is masked (upstream).
+    # Given explicitly, no stop id ends the request before it (as vLLM's min_tokens; bistream too,
+    # whose fill token stays allowed while text streams in) — random-weight benchmarks use this.
+    min_tokens: int | None = None
     max_tokens: int | None = None   # default int(20 * len(text_ids)); bistream: safety bound only
     seed: int | None = None
     ras: bool = True                # repetition-aware sampling; False = plain top-p/top-k nucleus draw

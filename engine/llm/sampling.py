@@ -71,11 +71,13 @@ class SampleBatch:
 
     ``history`` [B, win_size] long: last decoded ids, left-padded with -1. ``ignore_eos`` [B] bool.
     ``ras`` [B] bool: repetition check on. ``uniform`` [B, 2] float32 in [0, 1): the row's two random
-    numbers for this step (nucleus draw, fallback draw), drawn from the row's own generator."""
+    numbers for this step (nucleus draw, fallback draw), drawn from the row's own generator.
+    ``ban_stops`` [B, 3] bool or None: additionally mask the stop ids 6561, 6562, 6563 per row."""
     history: Tensor
     ignore_eos: Tensor
     ras: Tensor
     uniform: Tensor
+    ban_stops: Tensor | None = None
 
 
 def _inverse_cdf(p: Tensor, u: Tensor) -> Tensor:
@@ -94,6 +96,8 @@ def batched_ras(logp: Tensor, inp: SampleBatch, cfg: SamplingConfig) -> Tensor:
     inverse-CDF draws from ``inp.uniform`` instead of torch's multinomial."""
     logp = logp.float().masked_fill(
         inp.ignore_eos[:, None] & (torch.arange(logp.shape[-1], device=logp.device) == EOS), -float("inf"))
+    if inp.ban_stops is not None:
+        logp[:, EOS:EOS + 3] = logp[:, EOS:EOS + 3].masked_fill(inp.ban_stops, -float("inf"))
     probs = logp.softmax(dim=-1)
     top_p, top_i = probs.topk(min(cfg.top_k, probs.shape[-1]), dim=-1)
     before = top_p.cumsum(dim=-1) - top_p        # mass of the entries ranked above each entry

@@ -291,9 +291,21 @@ class TorchLLMBackend:
             if h:
                 hist[i, win - len(h):] = torch.tensor(h)
         ignore = [s.bistream.ignore_eos if s.bistream is not None else s.emitted < s.min_len for s in rows]
+        bans = [self._banned_stops(s) for s in rows]
         return SampleBatch(history=self._h2d(hist), ignore_eos=self._h2d(torch.tensor(ignore)),
                            ras=self._h2d(torch.tensor([s.req.ras for s in rows])),
-                           uniform=self._h2d(torch.stack([s.uniforms() for s in rows])))
+                           uniform=self._h2d(torch.stack([s.uniforms() for s in rows])),
+                           ban_stops=self._h2d(torch.tensor(bans)) if any(any(b) for b in bans) else None)
+
+    @staticmethod
+    def _banned_stops(s: _Seq) -> tuple[bool, bool, bool]:
+        """Stop ids (6561, 6562, 6563) a row may not draw: an explicit ``min_tokens`` forbids every
+        stop before it is reached (like vLLM's min_tokens); in bistream's text phase the fill token
+        stays allowed, since it only pauses decoding until more text arrives."""
+        if s.req.min_tokens is None or s.emitted >= s.req.min_tokens:
+            return (False, False, False)
+        text_phase = s.bistream is not None and not s.bistream.final_phase
+        return (True, True, not text_phase)
 
     def _h2d(self, t: torch.Tensor) -> torch.Tensor:
         # non_blocking: a blocking copy would wait for the forward already queued on the stream

@@ -57,7 +57,7 @@ async def synthesize(args: argparse.Namespace) -> dict:
             await engine.register_voice(voice_id, args.prompt_text, audio, overwrite=True)
         opts = StreamOptions(voice_id=voice_id, mode=args.mode, instruct_text=args.instruct,
                              speed=args.speed, input_mode=args.input_mode)
-        stream = engine.open_stream(opts)
+        stream = await engine.open_stream(opts)
         t_start = time.monotonic()
         step = max(1, args.fragment_chars)
         for i in range(0, len(args.text), step):

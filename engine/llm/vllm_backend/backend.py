@@ -270,15 +270,12 @@ class VLLMBackend:
                 if not chunk.final and (not sampled or sampled[-1] != uid.FILL):
                     raise RuntimeError(f"bistream chunk hit the max_tokens bound ({max_tokens})")
                 planner.finish_chunk(sampled)
-            if gen is not None and not finished:
-                await queue.put(None)           # end of input: vLLM closes the session
-                async for out in gen:
-                    if out.finished:
-                        finished = True
-                        break
+            # After the final chunk the session idles in WAITING_FOR_STREAMING_REQ holding its slot;
+            # aborting it (not just closing the input stream) frees it deterministically.
         finally:
             if gen is not None and not finished:
                 await self._abort_vllm(rid)
+                await gen.aclose()
             self._live.pop(rid, None)
 
     async def _resubmit_chunks(self, request, planner, wake, failure) -> AsyncIterator[list[int]]:
