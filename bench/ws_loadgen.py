@@ -193,6 +193,9 @@ def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         engine["fixed_tokens_per_char"] = a.tokens_per_char
     if a.device:
         engine["device"] = a.device
+    if a.engine:
+        import yaml
+        engine.update(yaml.safe_load(a.engine))
     cfg = Path(tempfile.mkdtemp()) / "server.yaml"
     cfg.write_text(f"engine: {engine}\nmax_connections: {a.clients + 8}\nmax_contexts_per_connection: 8\n"
                    f"idle_timeout_s: {a.max_seconds + 60}\nlog_level: WARNING\n")
@@ -230,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve-model", help="start `python -m ws_server` on this model directory for the run")
     ap.add_argument("--tokens-per-char", type=float, help="with --serve-model: engine fixed_tokens_per_char")
     ap.add_argument("--device", help="with --serve-model: engine device")
+    ap.add_argument("--engine", help="with --serve-model: EngineConfig overrides as inline YAML, "
+                    "e.g. '{dtype: bfloat16, llm_backend: vllm}'")
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--api-key", default=os.environ.get("COSY_API_KEY"))
     ap.add_argument("--clients", type=int, default=4)

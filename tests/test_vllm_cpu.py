@@ -533,8 +533,8 @@ def test_backend_bistream_with_fake_vllm_equals_torch_loop(tiny_lm, monkeypatch,
     ptext, pspeech = [rng.randrange(511) for _ in range(4)], [rng.randrange(6561) for _ in range(20)]
     text = [rng.randrange(511) for _ in range(12)]
     pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
-    want, _ = torch_bistream_greedy(tiny_lm, ptext, pspeech, pieces, final_max=16)
-    req = LLMRequest("bi", [], prompt_text_ids=ptext, prompt_speech_tokens=pspeech, max_tokens=16)
+    want, _ = torch_bistream_greedy(tiny_lm, ptext, pspeech, pieces, max_total=40)
+    req = LLMRequest("bi", [], prompt_text_ids=ptext, prompt_speech_tokens=pspeech, max_tokens=40)
 
     async def run():
         got = []
@@ -567,3 +567,22 @@ def test_backend_generate_and_abort_with_fake_vllm(tiny_lm, monkeypatch):
     got, n = asyncio.run(run())
     assert got == [t for t in want if t < uid.EOS]
     assert 5 <= n < 400 and b.running_requests() == 0
+
+    async def fixed():     # an explicit min_tokens bans every stop id before it (benchmarks)
+        out = []
+        async for toks in b.generate(LLMRequest("fixed", [9, 8], min_tokens=30, max_tokens=30)):
+            out += toks
+        return out
+    assert len(asyncio.run(fixed())) == 30
+
+
+def test_engine_kwargs(tmp_path):
+    from engine.llm.vllm_backend.backend import VLLMOptions, engine_kwargs
+    kw = engine_kwargs(GOLDEN / "model", VLLMOptions(config_cache_dir=str(tmp_path), max_num_seqs=64,
+                                                     cudagraph_capture_sizes=[1, 8]), ModelConfig.tiny().llm)
+    assert kw["skip_tokenizer_init"] and kw["generation_config"] == "vllm" and kw["load_format"] == "pt"
+    assert kw["hf_overrides"]["vocab_size"] == 6564 and kw["hf_overrides"]["head_dtype"] == "float32"
+    assert kw["logits_processors"] == [hf_config.PROCESSOR] and kw["max_num_seqs"] == 64
+    assert kw["cudagraph_capture_sizes"] == [1, 8] and Path(kw["model"]).parent == tmp_path
+    assert "logits_processors" not in engine_kwargs(GOLDEN / "model", VLLMOptions(
+        logits_processor=False, config_cache_dir=str(tmp_path)), ModelConfig.tiny().llm)

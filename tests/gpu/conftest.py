@@ -47,6 +47,10 @@ def model_dir(size: str, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loop():
+    import logging
+    lg = logging.getLogger("engine.llm.vllm_backend")
+    lg.setLevel(logging.DEBUG)
+    lg.addHandler(logging.StreamHandler())
     lp = asyncio.new_event_loop()
     yield lp
     lp.close()

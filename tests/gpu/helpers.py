@@ -51,17 +51,17 @@ def torch_greedy(model: CosyVoice2LM, prefix: list[int], min_len: int, max_len: 
     return out, torch.stack(rows), margins
 
 
-def torch_bistream_greedy(model, prompt_text, prompt_speech, text_pieces, final_max: int):
-    """The torch bistream loop (engine.llm.bistream.BistreamState) with argmax sampling. The final
-    phase stops after ``final_max`` sampled ids (the vLLM side's max_tokens). Returns (speech ids,
-    smallest top-2 margin seen)."""
+def torch_bistream_greedy(model, prompt_text, prompt_speech, text_pieces, max_total: int):
+    """The torch bistream loop (engine.llm.bistream.BistreamState) with argmax sampling, stopped
+    after ``max_total`` emitted speech ids (the backends' total bound, LLMRequest.max_tokens).
+    Returns (speech ids, smallest top-2 margin seen)."""
     sm = BistreamState(prompt_text, prompt_speech, strict=False)   # 6562/6563 at the end: stop, as vLLM does
     for piece in text_pieces:
         sm.push_text(piece)
     sm.end_text()
     seq = Sequence(model, capacity=4096)
-    out, min_margin, final_count = [], float("inf"), 0
-    while not sm.done:
+    out, min_margin = [], float("inf")
+    while not sm.done and len(out) < max_total:
         feed = sm.next_input()
         assert feed is not None
         _, logp = seq.feed(feed)
@@ -74,12 +74,8 @@ def torch_bistream_greedy(model, prompt_text, prompt_speech, text_pieces, final_
             top2 = lp.topk(2).values
             min_margin = min(min_margin, float(top2[0] - top2[1]))
             tok = int(lp.argmax())
-        if sm.final_phase:
-            final_count += 1
         if sm.accept(tok) is Outcome.EMIT:
             out.append(tok)
-        if sm.final_phase and final_count >= final_max:
-            break
     return out, min_margin
 
 

@@ -42,7 +42,9 @@ class VLLMOptions:
     enforce_eager: bool = False           # no torch.compile / CUDA graphs (fast start, tests)
     cudagraph_capture_sizes: list[int] | None = None
     logits_processor: bool = True         # RAS + bistream forcing; False keeps Model Runner V2
-    bistream_transport: Literal["session", "resubmit"] = "session"
+    # "resubmit" is verified on the H100; "session" (vLLM streaming input) stalled on its first chunk
+    # when it was the only request on the engine (docs/VLLM.md, open issue).
+    bistream_transport: Literal["session", "resubmit"] = "resubmit"
     bistream_max_tokens: int = 2000       # safety bound per bistream chunk when the request has none
     greedy: bool = False                  # tests only: argmax decoding
     seed: int = 0
@@ -130,7 +132,7 @@ class VLLMBackend:
         return request_kwargs(prompt_len=prompt_len, min_len=lo, max_len=hi,
                               max_model_len=self.opts.max_model_len, seed=request.seed, ras=request.ras,
                               processor=self.opts.logits_processor, greedy=self.opts.greedy,
-                              cfg=self.cfg.sampling)
+                              cfg=self.cfg.sampling, all_stops=request.min_tokens is not None)
 
     async def generate(self, request: LLMRequest) -> AsyncIterator[list[int]]:
         """Speech tokens (ids < 6561) of ``request`` as vLLM decodes them."""
@@ -190,11 +192,20 @@ class VLLMBackend:
 
         pump_task = asyncio.create_task(pump())
         use_session = self.opts.bistream_transport == "session" and self.opts.logits_processor
-        run = self._session_chunks if use_session else self._resubmit_chunks
+        run = (self._session_chunks if use_session else self._resubmit_chunks)(request, planner, wake, failure)
+        emitted = 0
         try:
-            async for toks in run(request, planner, wake, failure):
-                yield toks
+            async for toks in run:
+                # Total bound as the torch backend: max_tokens, else 20 per consumed text id.
+                bound = request.max_tokens if request.max_tokens is not None else 20 * max(1, planner.text_pulled)
+                toks = toks[:max(0, bound - emitted)]
+                emitted += len(toks)
+                if toks:
+                    yield toks
+                if emitted >= bound:
+                    break
         finally:
+            await run.aclose()              # aborts the vLLM request if it still runs
             pump_task.cancel()
             self._wake.pop(rid, None)
             self._aborted.discard(rid)
@@ -214,12 +225,17 @@ class VLLMBackend:
                 return None
             await wake.wait()
 
-    def _chunk_kwargs(self, request: LLMRequest, chunk: Chunk, max_tokens: int, processor: bool) -> dict:
+    def _chunk_kwargs(self, request: LLMRequest, chunk: Chunk, max_tokens: int, processor: bool,
+                      emitted: int) -> dict:
         kw = base_kwargs(request.seed, max_tokens, chunk.stop_ids)
         row = RowParams(mask_ids=list(chunk.mask_ids), force_fill_at=chunk.force_fill_at if processor else None,
                         history=list(chunk.history))
+        # An explicit min_tokens bans every stop id until that many speech tokens were emitted; while
+        # text streams the fill stays allowed, so only the final chunk is affected.
+        min_left = max(0, request.min_tokens - emitted) if (request.min_tokens and chunk.final) else 0
         kw.update(sampler_kwargs(row, ras=request.ras, processor=processor, greedy=self.opts.greedy,
-                                 cfg=self.cfg.sampling, min_tokens=0))
+                                 cfg=self.cfg.sampling, min_tokens=min(min_left, max_tokens),
+                                 all_stops=True))
         return kw
 
     def _safety(self, request: LLMRequest) -> int:
@@ -244,18 +260,27 @@ class VLLMBackend:
                                      sampling_params=item[1])
 
         gen = None
+        nxt = None
         finished = False
         max_tokens = self._safety(request)
         self._live[rid] = rid
         try:
             while (chunk := await self._next_chunk(rid, planner, wake, failure)) is not None:
-                sp = make_sampling_params(self._chunk_kwargs(request, chunk, max_tokens, True))
+                sp = make_sampling_params(self._chunk_kwargs(request, chunk, max_tokens, True,
+                                                             len(planner.out_tokens) - planner.out_tokens.count(uid.FILL)))
                 if gen is None:
+                    # Let vLLM register the session before its first chunk exists (the order under
+                    # which sessions were seen working on the H100).
                     gen = self.engine.generate(inputs(), sp, rid)
+                    nxt = asyncio.ensure_future(gen.__anext__())
+                    await asyncio.sleep(0.005)
                 await queue.put((chunk.ids, sp))
+                log.debug("%s: chunk of %d ids queued (final=%s, force at %s)", rid, len(chunk.ids),
+                          chunk.final, chunk.force_fill_at)
                 sampled: list[int] = []
                 while True:
-                    out = await gen.__anext__()
+                    out = await (nxt if nxt is not None else gen.__anext__())
+                    nxt = None
                     o = out.outputs[0]
                     sampled += o.token_ids
                     toks = [t for t in o.token_ids if t < uid.EOS]
@@ -267,6 +292,7 @@ class VLLMBackend:
                             return
                     if o.finish_reason is not None or out.finished:
                         break
+                log.debug("%s: chunk done, %d ids sampled, last %s", rid, len(sampled), sampled[-1:])
                 if not chunk.final and (not sampled or sampled[-1] != uid.FILL):
                     raise RuntimeError(f"bistream chunk hit the max_tokens bound ({max_tokens})")
                 planner.finish_chunk(sampled)
@@ -275,7 +301,12 @@ class VLLMBackend:
         finally:
             if gen is not None and not finished:
                 await self._abort_vllm(rid)
-                await gen.aclose()
+                if nxt is not None:
+                    nxt.cancel()
+                try:
+                    await gen.aclose()
+                except RuntimeError:   # cancelled while vLLM's generator was mid-step
+                    pass
             self._live.pop(rid, None)
 
     async def _resubmit_chunks(self, request, planner, wake, failure) -> AsyncIterator[list[int]]:
@@ -290,8 +321,9 @@ class VLLMBackend:
             if budget < 1:
                 raise RuntimeError("bistream context exceeds max_model_len")
             limit = chunk.force_fill_at if chunk.force_fill_at is not None else self._safety(request)
+            emitted = len(planner.out_tokens) - planner.out_tokens.count(uid.FILL)
             kw = self._chunk_kwargs(request, Chunk(chunk.ids, chunk.final, None, chunk.history,
-                                                   chunk.mask_ids), min(limit, budget), processor)
+                                                   chunk.mask_ids), min(limit, budget), processor, emitted)
             sampled: list[int] = []
             aborted = False
             async for out in self.generate_raw(rid, prompt, kw, vllm_id=f"{rid}#{k}"):

@@ -51,11 +51,11 @@ class BistreamPlanner:
         p = len(prompt_speech_tokens)
         self.next_fill_index = (p // self.n_speech + 1) * self.n_speech - p
         self.lm_input: list[int] = [uid.SOS_ID]
-        self.lm_input_fed = False
         self.out_tokens: list[int] = []
         self.fed: list[int] = []
         self.incoming: deque[int] = deque()
         self.text_ended = False
+        self.text_pulled = 0          # target text ids consumed so far (prompt text excluded)
         self.done = False
         self._pending: Chunk | None = None
 
@@ -102,6 +102,7 @@ class BistreamPlanner:
 
     # -- upstream steps -------------------------------------------------------------------------
     def _pull(self, t: int) -> None:
+        self.text_pulled += 1
         self.text_cache.append(t)
         while self.speech_left and len(self.text_cache) >= self.n_text:
             self.lm_input += self.text_cache[:self.n_text] + self.speech_left[:self.n_speech]
@@ -126,5 +127,4 @@ class BistreamPlanner:
         self._pending = chunk
         self.fed += chunk.ids
         self.lm_input = list(chunk.ids)
-        self.lm_input_fed = True
         return chunk

@@ -5,10 +5,13 @@ Per request row the processor may (in this order):
 2. mask ids (eos before ``min_len``, or 6561/6562 in bistream's text phase);
 3. replace the logits by ``log P_RAS``, the exact marginal distribution of CosyVoice's two-stage
    repetition-aware sampler (cosyvoice2.md §2.7), so vLLM's own sampler (temperature 1, no top-k/p)
-   draws from it with its per-request generator. With p = softmax(logp), K the kept nucleus (descending stable order, keep while the mass
-   before the entry is < top_p and fewer than top_k are kept), p_nuc = p/p(K) on K, and R ⊂ K the ids
-   that occur ≥ win·tau times in the last ``win`` decoded tokens,
-   P(x) = p_nuc(x)·[x ∈ K∖R] + Σ_{y ∈ R, y ≠ x} p_nuc(y)·p(x)/(1 − p(y)).
+   draws from it with its per-request generator.
+
+With p = softmax(logp), K the kept nucleus (descending stable order; keep while the mass before the
+entry is < top_p and fewer than top_k are kept), p_nuc = p/p(K) on K, and R ⊂ K the ids that occur
+≥ win·tau times in the last ``win`` decoded tokens:
+
+    P(x) = p_nuc(x)·[x ∈ K∖R] + Σ_{y ∈ R, y ≠ x} p_nuc(y)·p(x)/(1 − p(y))
 """
 from __future__ import annotations
 

@@ -26,12 +26,14 @@ def base_kwargs(seed: int | None, max_tokens: int, stop_ids: list[int]) -> dict:
 
 
 def sampler_kwargs(row: RowParams, *, ras: bool, processor: bool, greedy: bool,
-                   cfg: SamplingConfig, min_tokens: int = 0) -> dict:
+                   cfg: SamplingConfig, min_tokens: int = 0, all_stops: bool = False) -> dict:
     """Temperature/top-k/top-p/min_tokens/extra_args for one request.
 
     ``row`` carries masks/forcing/history; ``ras`` asks for RAS; ``processor`` says whether the
     CosyVoice logits processor is installed in the engine (without it RAS, forcing and eos-only
-    masking are unavailable). ``min_tokens`` is the eos-free prefix length (upstream min_len)."""
+    masking are unavailable). ``min_tokens`` is the eos-free prefix length (upstream min_len);
+    ``all_stops``: every stop id is banned before it (an explicit LLMRequest.min_tokens), which is
+    vLLM's own min_tokens."""
     row.ras = bool(ras and processor and not greedy)
     row.top_p, row.top_k, row.win_size, row.tau_r = cfg.top_p, cfg.top_k, cfg.win_size, cfg.tau_r
     out: dict = {}
@@ -42,8 +44,8 @@ def sampler_kwargs(row: RowParams, *, ras: bool, processor: bool, greedy: bool,
     else:
         out.update(temperature=1.0, top_k=cfg.top_k, top_p=cfg.top_p)
     if processor:
-        row.eos_min_len = min_tokens
-        out["min_tokens"] = 0
+        row.eos_min_len = 0 if all_stops else min_tokens
+        out["min_tokens"] = min_tokens if all_stops else 0
         out["extra_args"] = {EXTRA_KEY: row.to_dict()}
     else:
         if row.force_fill_at is not None:
@@ -55,15 +57,17 @@ def sampler_kwargs(row: RowParams, *, ras: bool, processor: bool, greedy: bool,
 
 
 def request_kwargs(*, prompt_len: int, min_len: int, max_len: int, max_model_len: int, seed: int | None,
-                   ras: bool, processor: bool, greedy: bool, cfg: SamplingConfig) -> dict:
-    """SamplingParams kwargs for a plain (non-bistream) request. ``max_len`` is clamped to the context."""
+                   ras: bool, processor: bool, greedy: bool, cfg: SamplingConfig,
+                   all_stops: bool = False) -> dict:
+    """SamplingParams kwargs for a plain (non-bistream) request. ``max_len`` is clamped to the context;
+    ``all_stops`` bans every stop id (not only eos) before ``min_len``."""
     budget = max_model_len - prompt_len
     if budget < 1:
         raise ValueError(f"prompt of {prompt_len} ids does not fit max_model_len {max_model_len}")
     max_tokens = max(1, min(max_len, budget))
     kw = base_kwargs(seed, max_tokens, list(uid.STOP_IDS))
     kw.update(sampler_kwargs(RowParams(), ras=ras, processor=processor, greedy=greedy, cfg=cfg,
-                             min_tokens=min(min_len, max_tokens)))
+                             min_tokens=min(min_len, max_tokens), all_stops=all_stops))
     return kw
 
 
