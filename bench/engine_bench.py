@@ -347,8 +347,9 @@ def main(argv=None) -> None:
     table = markdown(meta, runs)
     if args.out_json:
         Path(args.out_json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
-    if args.out_md:
-        Path(args.out_md).write_text(table)
+    if args.out_md:   # appended: bench/RESULTS.md keeps earlier runs and other benchmarks' sections
+        with open(args.out_md, "a") as f:
+            f.write("\n" + table)
     print()
     print(table)
 

@@ -268,7 +268,8 @@ class Scheduler:
             u = st.utterances[0]
             pol = st.spec.policy
             slack = st.clock.slack(now)
-            plan = plan_chunk(len(u.tokens), u.offset, u.llm_done, pol.hop(u.chunks, slack), pol.lookahead)
+            hop = pol.hop(u.chunks, slack, len(u.tokens) - u.offset, u.llm_done)
+            plan = plan_chunk(len(u.tokens), u.offset, u.llm_done, hop, pol.lookahead)
             if plan is None:
                 continue
             key = deadline_key(st.clock.play_end is not None, slack, u.released_at)

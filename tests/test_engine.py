@@ -170,6 +170,52 @@ def test_cancel_mid_stream_stops_audio_and_frees_state(tiny_model_dir, one_threa
     assert n_audio == 1 and live == 0 and active == 0 and open_streams == 0
 
 
+def test_registered_voice_survives_restart(tiny_model_dir, tmp_path, one_thread):
+    """register_voice on one engine, close it, start a new engine on the same voices_dir: the voice is
+    listed, its prompt tensors are identical, and a stream with voice_id speaks with it."""
+    voices_dir = tmp_path / "voices"
+    text = "Hello from a voice that was saved to disk."
+
+    async def start() -> TTSEngine:   # like _engine, without registering "v" (the restart would collide)
+        eng = TTSEngine(EngineConfig.load(None, model_dir=str(tiny_model_dir), device="cpu", seed=0,
+                                          cuda_graphs=False, fixed_tokens_per_char=TOKENS_PER_CHAR,
+                                          voices_dir=str(voices_dir)))
+        await eng.start()
+        return eng
+
+    async def main():
+        eng = await start()
+        try:
+            info = await eng.register_voice("alice", "This is Alice speaking.", prompt_wav(seed=3))
+            assert info.voice_id == "alice" and info.prompt_text == "This is Alice speaking."
+            before = eng.voices.get("alice")
+        finally:
+            await eng.close()
+        assert (voices_dir / "alice.voice.pt").is_file()
+
+        eng = await start()
+        try:
+            listed = {v.voice_id: v for v in eng.list_voices()}
+            assert "alice" in listed and listed["alice"] == info
+            after = eng.voices.get("alice")
+            s = await eng.open_stream(StreamOptions(voice_id="alice"))
+            s.push_text(text)
+            s.end()
+            return before, after, await _collect(s)
+        finally:
+            await eng.close()
+
+    before, after, events = run(main())
+    assert before is not after and after.equals(before)
+    assert after.speech_tokens.numel() > 0 and after.speech_feat.shape == (2 * after.speech_tokens.numel(), 80)
+    chunks = _check_audio_events(events)
+    segs = [e for e in events if isinstance(e, SegmentEvent)]
+    assert segs and "".join(g.text for g in segs).replace(" ", "") == text.replace(" ", "")
+    expected = sum(960 * max(1, math.ceil(len(g.text) * TOKENS_PER_CHAR)) for g in segs)
+    assert sum(len(c.samples) for c in chunks) == expected
+    assert chunks[-1].final
+
+
 def test_open_stream_errors(tiny_model_dir):
     async def main():
         eng = TTSEngine(EngineConfig.load(None, model_dir=str(tiny_model_dir), device="cpu", cuda_graphs=False))

@@ -53,6 +53,19 @@ def test_policy_hop_grows_with_slack_and_is_bounded():
     assert ChunkPolicy(fixed_hops=[43, 50]).hop(5, 0.0) == 50
 
 
+def test_policy_hop_takes_every_available_token_once_audio_flows():
+    pol = ChunkPolicy(first_chunk_tokens=15, min_chunk_tokens=20, max_chunk_tokens=100, lookahead=3)
+    assert pol.hop(0, None, available=80) == 15               # a stream's first chunk stays small
+    assert pol.hop(1, -1.0, available=63) == 60               # behind: all but the lookahead
+    assert pol.hop(1, -1.0, available=10) == 20               # too few: wait for the minimum
+    assert pol.hop(1, 0.5, available=500) == 100              # capped
+    assert pol.hop(1, 4.0, available=30) == 50                # slack growth still applies
+    assert pol.hop(0, 0.2, available=40, llm_done=True) == 40  # the rest fits one chunk: the final call
+    # with the LLM done, plan_chunk then makes that one final call instead of a chunk + 3-token tail
+    assert plan_chunk(40, 0, True, pol.hop(0, 0.2, 40, True), 3) == ChunkPlan(40, 0, True)
+    assert plan_chunk(63, 0, False, pol.hop(1, -1.0, 63), 3) == ChunkPlan(63, 0, False)
+
+
 def test_deadline_order_first_chunks_then_least_slack():
     cands = [Candidate(deadline_key(True, 2.0, 0.0), 10, "ahead", ChunkPlan(1, 0, True)),
              Candidate(deadline_key(True, -0.5, 0.0), 10, "underrun", ChunkPlan(1, 0, True)),

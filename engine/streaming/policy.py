@@ -30,17 +30,28 @@ class ChunkPolicy:
     slack_fraction: float = 0.5
     fixed_hops: list[int] | None = None
 
-    def hop(self, chunk_index: int, slack_s: float | None) -> int:
-        """Tokens the next non-final chunk of an utterance voices (before its lookahead)."""
+    def hop(self, chunk_index: int, slack_s: float | None, available: int | None = None,
+            llm_done: bool = False) -> int:
+        """Tokens the next chunk of an utterance voices (before its lookahead).
+
+        ``available``: tokens of the utterance not voiced yet. Every chunk re-runs the flow over the
+        prompt and the whole prefix, so a chunk's cost hardly depends on how many new tokens it
+        voices: a due chunk takes every available token (up to ``max_chunk_tokens``), which saves
+        later prefix recomputations, above all when a stream has fallen behind. Only a stream's very
+        first chunk (no audio yet: ``slack_s`` None) keeps ``first_chunk_tokens`` for latency. When the
+        LLM is done and the rest fits one chunk, the hop covers it all, so the final call voices it."""
         if self.fixed_hops:
             return self.fixed_hops[min(chunk_index, len(self.fixed_hops) - 1)]
-        if chunk_index == 0 and (slack_s is None or slack_s <= 0):
+        if slack_s is None:
             return self.first_chunk_tokens
         base = self.first_chunk_tokens if chunk_index == 0 else self.min_chunk_tokens
-        if slack_s is None or slack_s <= 0:
-            return base
-        grown = int(slack_s * TOKENS_PER_SECOND * self.slack_fraction)
-        return max(base, min(self.max_chunk_tokens, grown))
+        want = base
+        if slack_s > 0:
+            want = max(base, min(self.max_chunk_tokens, int(slack_s * TOKENS_PER_SECOND * self.slack_fraction)))
+        if available is not None:
+            take = available if llm_done else available - self.lookahead
+            want = max(want, min(self.max_chunk_tokens, take))
+        return want
 
 
 @dataclass(frozen=True)
