@@ -13,7 +13,7 @@ Lifecycle of one stream::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Literal, Protocol
 
 import numpy as np

@@ -444,7 +444,6 @@ class _FakeEngine:
         return int(logits[0].argmax())
 
     async def _decode(self, rid, seq, ids, sp, max_tokens):
-        from engine.llm.model import Sequence  # noqa: F401
         _, logp = seq.feed(ids)
         out = []
         while True:

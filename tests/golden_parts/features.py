@@ -10,20 +10,18 @@ differ (the test chirps sweep up to 0.45 x the file rate).
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from engine.frontend import features as F
+from tests.golden_parts import common
 
 KINDS = ("whisper", "fbank", "flow", "resample")
 
 
-@functools.lru_cache(maxsize=4)
 def _load(set_dir: Path) -> dict:
-    return torch.load(set_dir / "cases" / "features.pt", map_location="cpu", weights_only=True)
+    return common.cases(set_dir, "features.pt")
 
 
 def case_ids(set_dir: Path) -> list[str]:

@@ -15,23 +15,21 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import load_strict, read_state_dict
-from engine.config import ModelConfig
 from engine.flow.cfm import make_noise
 from engine.flow.flow import CausalMaskedDiffWithXvec
+from tests.golden_parts import common
 
 ATOL = 1e-4
 
 
-@functools.lru_cache(maxsize=2)
 def _cases(set_dir: str) -> dict:
-    return torch.load(Path(set_dir) / "cases" / "flow.pt", map_location="cpu", weights_only=True)
+    return common.cases(set_dir, "flow.pt")
 
 
 @functools.lru_cache(maxsize=1)
 def _model(set_dir: str) -> CausalMaskedDiffWithXvec:
-    cfg = ModelConfig.load(Path(set_dir) / "model" / "config.json").flow
-    model = CausalMaskedDiffWithXvec(cfg)
-    path = Path(set_dir) / "model" / "flow.pt"
+    model = CausalMaskedDiffWithXvec(common.config(set_dir).flow)
+    path = common.weights(set_dir, "flow")
     load_strict(model, read_state_dict(path), path)
     return model.eval()
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import read_state_dict
-from engine.config import ModelConfig
 from engine.hift.hift import HiFTGenerator, load_hift
 from engine.hift.source import draw_source_noise
+from tests.golden_parts import common
 
 F0_ATOL = 1e-3
 ATOL = 1e-4
@@ -23,15 +23,14 @@ ATOL = 1e-4
 
 @functools.lru_cache(maxsize=2)
 def _cases(set_dir: str) -> list[dict]:
-    return torch.load(Path(set_dir) / "cases" / "hift.pt", map_location="cpu", weights_only=True)["cases"]
+    return common.cases(set_dir, "hift.pt")["cases"]
 
 
 @functools.lru_cache(maxsize=1)
 def model(set_dir: str) -> HiFTGenerator:
     """The set's HiFT, strictly loaded from model/hift.pt (shared with the token2wav part)."""
-    cfg = ModelConfig.load(Path(set_dir) / "model" / "config.json").hift
-    m = HiFTGenerator(cfg)
-    path = Path(set_dir) / "model" / "hift.pt"
+    m = HiFTGenerator(common.config(set_dir).hift)
+    path = common.weights(set_dir, "hift")
     load_hift(m, read_state_dict(path), path)
     return m.eval()
 

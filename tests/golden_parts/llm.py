@@ -10,25 +10,24 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ModelConfig, SamplingConfig
+from engine.config import SamplingConfig
 from engine.llm import ids as uid
 from engine.llm.bistream import BistreamState, Outcome
-from engine.llm.model import Sequence, load_llm
+from engine.llm.model import CosyVoice2LM, Sequence, load_llm
 from engine.llm.sampling import sampling_ids
+from tests.golden_parts import common
 
 LOGP_ATOL = 1e-4
 HIDDEN_ATOL = 1e-4
 
 
-@functools.lru_cache(maxsize=2)
 def _cases(set_dir: str) -> dict:
-    return torch.load(Path(set_dir) / "cases" / "llm.pt", map_location="cpu", weights_only=True)
+    return common.cases(set_dir, "llm.pt")
 
 
 @functools.lru_cache(maxsize=1)
 def _model(set_dir: str) -> CosyVoice2LM:
-    cfg = ModelConfig.load(Path(set_dir) / "model" / "config.json")
-    return load_llm(cfg.llm, Path(set_dir) / "model" / "llm.pt")
+    return load_llm(common.config(set_dir).llm, common.weights(set_dir, "llm"))
 
 
 def case_ids(set_dir: Path) -> list[str]:

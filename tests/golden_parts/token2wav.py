@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.flow.flow import load_flow
 from engine.token2wav import SOURCE_CACHE_LEN, Token2Wav, speech_window
+from tests.golden_parts import common
 from tests.golden_parts.hift import model as hift_model
 
 ATOL = 1e-4
@@ -31,27 +33,17 @@ FULL_PATH_ATOL = 5e-3
 FULL_PATH_MEAN_ATOL = 5e-4
 
 
-@functools.lru_cache(maxsize=2)
 def _data(set_dir: str) -> dict:
-    return torch.load(Path(set_dir) / "cases" / "token2wav.pt", map_location="cpu", weights_only=True)
+    return common.cases(set_dir, "token2wav.pt")
 
 
 @functools.lru_cache(maxsize=1)
 def _flow(set_dir: str):
-    """The set's flow model, or None while engine.flow.flow is not written yet."""
-    try:
-        from engine.flow.flow import load_flow
-    except ModuleNotFoundError as exc:
-        if exc.name in ("engine.flow.flow",):
-            return None
-        raise
-    from engine.config import ModelConfig
-    cfg = ModelConfig.load(Path(set_dir) / "model" / "config.json").flow
-    return load_flow(cfg, Path(set_dir) / "model" / "flow.pt")
+    return load_flow(common.config(set_dir).flow, common.weights(set_dir, "flow"))
 
 
 class _StoredMel:
-    """Stand-in flow returning a stored mel (used only while the flow model does not exist)."""
+    """Stand-in flow returning the stored mel: checks HiFT + cache logic exactly, apart from the flow."""
     def __init__(self):
         self.mel: torch.Tensor | None = None
 
@@ -89,7 +81,7 @@ def check(set_dir: Path, case_id: str) -> None:
     flow = _flow(set_dir)
     hift = hift_model(set_dir)
     ref = Token2Wav(_StoredMel(), hift)
-    full = Token2Wav(flow, hift) if flow is not None else None
+    full = Token2Wav(flow, hift)
     emitted = 0
     for j, call in enumerate(calls):
         what = f"call {j} (token_end {call['token_end']}, offset {call['token_offset']})"
@@ -106,12 +98,11 @@ def check(set_dir: Path, case_id: str) -> None:
         if stored_source is not None and not call["finalize"]:
             _close(f"{what} cached source", ref.cache.source, stored_source[0, 0, -SOURCE_CACHE_LEN:])
         emitted += speech.shape[1]
-        if full is not None:
-            torch.manual_seed(call["seed"])
-            speech = full(*args, **kwargs)
-            _close(f"{what} flow_mel", full.last_flow_mel, call["flow_mel"])
-            _close(f"{what} speech (full path)", speech, call["speech"], FULL_PATH_ATOL)
-            mean = (speech - call["speech"]).abs().mean().item()
-            assert mean <= FULL_PATH_MEAN_ATOL, f"{what} speech (full path): mean abs diff {mean:.3g}"
+        torch.manual_seed(call["seed"])
+        speech = full(*args, **kwargs)
+        _close(f"{what} flow_mel", full.last_flow_mel, call["flow_mel"])
+        _close(f"{what} speech (full path)", speech, call["speech"], FULL_PATH_ATOL)
+        mean = (speech - call["speech"]).abs().mean().item()
+        assert mean <= FULL_PATH_MEAN_ATOL, f"{what} speech (full path): mean abs diff {mean:.3g}"
     assert emitted == total, f"{emitted} samples in all, expected {total}"
-    assert ref.cache is None and (full is None or full.cache is None), "the final call must clear the cache"
+    assert ref.cache is None and full.cache is None, "the final call must clear the cache"
