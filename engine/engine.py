@@ -399,7 +399,7 @@ class TTSEngine:
         md = ModelDir(Path(self.config.model_dir))
         self.tokenizer = CosyVoice2Tokenizer(md.tokenizer_dir)
         self.frontend = TextFrontend(self.tokenizer)
-        self.frontend_raw = TextFrontend(self.tokenizer, use_wetext=False)
+        self.frontend_raw = TextFrontend(self.tokenizer, enabled=False)   # upstream text_frontend=False
         try:
             from engine.frontend.prompt import PromptProcessor
             self.prompts = PromptProcessor(md.root, "cpu", text_frontend=self.frontend)

@@ -270,3 +270,23 @@ def test_engine_bench_cpu_smoke(tiny_model_dir, tmp_path, one_thread):
     table = markdown(meta, runs)
     assert table.count("\n| ") == 1 + len(runs)      # header + one row per run
     json.dumps({"meta": meta, "runs": runs})
+
+
+def test_text_normalization_switch(tiny_model_dir, one_thread):
+    """On: wetext reads numbers out; off: the segment reaches the tokenizer as written."""
+    async def main():
+        eng = await _engine(tiny_model_dir)
+        try:
+            out = {}
+            for flag in (True, False):
+                s = await eng.open_stream(StreamOptions(voice_id="v", text_normalization=flag))
+                s.push_text("I have 3 apples.")
+                s.end()
+                out[flag] = [e.text for e in await _collect(s) if isinstance(e, SegmentEvent)]
+            return out
+        finally:
+            await eng.close()
+
+    out = run(main())
+    assert "three" in " ".join(out[True]) and "3" not in " ".join(out[True])
+    assert " ".join(out[False]) == "I have 3 apples."
