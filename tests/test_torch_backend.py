@@ -55,6 +55,16 @@ def _requests() -> list[LLMRequest]:
     ]
 
 
+async def _drained(b, polls: int = 100) -> bool:
+    """Whether the backend holds no request within ``polls`` × 10 ms (the worker applies aborts
+    at its next step)."""
+    for _ in range(polls):
+        if b.active_requests() == 0:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 async def _with_backend(fn, **kw):
     backend = TorchLLMBackend(_model(), "cpu", **kw)
     await backend.start()
@@ -128,11 +138,7 @@ def test_consumer_leaving_early_aborts():
         async for _ in it:
             break
         await it.aclose()
-        for _ in range(100):
-            if b.active_requests() == 0:
-                return True
-            await asyncio.sleep(0.01)
-        return False
+        return await _drained(b)
 
     assert _run(_with_backend(scenario))
 
@@ -226,10 +232,6 @@ def test_bistream_text_source_error_propagates():
     async def scenario(b):
         with pytest.raises(KeyError):
             await _collect(b.generate_bistream(req, failing()))
-        for _ in range(100):
-            if b.active_requests() == 0:
-                return True
-            await asyncio.sleep(0.01)
-        return False
+        return await _drained(b)
 
     assert _run(_with_backend(scenario))

@@ -14,6 +14,20 @@ from engine.llm.model import CosyVoice2LM, Sequence
 STREAM_MASK = (uid.EOS, uid.EOS + 1)   # text phase: 6561/6562 never chosen (upstream raises on 6562)
 
 
+def start_vllm_and_reference(loop, tmp_path_factory, size: str, dtype: str, **options):
+    """A started greedy, eager ``VLLMBackend`` on a random ``size`` checkpoint, and the torch
+    ``CosyVoice2LM`` of the same weights as the reference (float32, or bfloat16 for other dtypes)."""
+    from engine.llm.vllm_backend.backend import VLLMBackend, VLLMOptions
+    from tests.gpu.conftest import model_dir
+    md = model_dir(size, tmp_path_factory)
+    opts = VLLMOptions(dtype=dtype, enforce_eager=True, max_model_len=2048, greedy=True,
+                       config_cache_dir=str(tmp_path_factory.mktemp("vllm-side")), **options)
+    backend = VLLMBackend(md, opts)
+    loop.run_until_complete(backend.start())
+    print(f"\n{size} vLLM start-up ({dtype}, eager): {backend.startup}")
+    return backend, torch_model(md, torch.float32 if dtype == "float32" else torch.bfloat16)
+
+
 def torch_model(model_dir, dtype=torch.float32) -> CosyVoice2LM:
     md = ModelDir(model_dir)
     m = CosyVoice2LM(md.config().llm)

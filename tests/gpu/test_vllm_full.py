@@ -6,11 +6,10 @@ import os
 import random
 
 import pytest
-import torch
 
 from engine.llm import ids as uid
 from engine.llm.backend import LLMRequest
-from tests.gpu.conftest import gpu_skip_reason, model_dir
+from tests.gpu.conftest import gpu_skip_reason
 from tests.gpu import helpers as H
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))]
@@ -21,15 +20,8 @@ LP_TOL, MARGIN_TOL = (2e-2, 4e-2) if DTYPE == "float32" else (0.3, 0.5)
 
 @pytest.fixture(scope="module")
 def setup(loop, tmp_path_factory):
-    from engine.llm.vllm_backend.backend import VLLMBackend, VLLMOptions
-    md = model_dir("full", tmp_path_factory)
-    opts = VLLMOptions(dtype=DTYPE, enforce_eager=True, gpu_memory_utilization=0.3, max_num_seqs=64,
-                       max_model_len=2048, greedy=True, warmup_requests=2,
-                       config_cache_dir=str(tmp_path_factory.mktemp("vllm-side")))
-    backend = VLLMBackend(md, opts)
-    loop.run_until_complete(backend.start())
-    print(f"\nfull vLLM start-up ({DTYPE}, eager): {backend.startup}")
-    ref = H.torch_model(md, torch.float32 if DTYPE == "float32" else torch.bfloat16)
+    backend, ref = H.start_vllm_and_reference(loop, tmp_path_factory, "full", DTYPE, gpu_memory_utilization=0.3,
+                                              max_num_seqs=64, warmup_requests=2)
     yield backend, ref
     loop.run_until_complete(backend.close())
 

@@ -12,7 +12,7 @@ import torch
 from engine.config import SamplingConfig
 from engine.llm import ids as uid
 from engine.llm.backend import LLMRequest
-from tests.gpu.conftest import gpu_skip_reason, model_dir
+from tests.gpu.conftest import gpu_skip_reason
 from tests.gpu import helpers as H
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))]
@@ -23,15 +23,8 @@ LP_TOL, MARGIN_TOL = (1.5e-2, 3e-2) if DTYPE == "float32" else (0.15, 0.3)
 
 @pytest.fixture(scope="module")
 def setup(loop, tmp_path_factory):
-    from engine.llm.vllm_backend.backend import VLLMBackend, VLLMOptions
-    md = model_dir("tiny", tmp_path_factory)
-    opts = VLLMOptions(dtype=DTYPE, enforce_eager=True, gpu_memory_utilization=0.25, max_num_seqs=256,
-                       max_model_len=2048, greedy=True, warmup_requests=4,
-                       config_cache_dir=str(tmp_path_factory.mktemp("vllm-side")))
-    backend = VLLMBackend(md, opts)
-    loop.run_until_complete(backend.start())
-    print(f"\ntiny vLLM start-up ({DTYPE}, eager): {backend.startup}")
-    ref = H.torch_model(md, torch.float32 if DTYPE == "float32" else torch.bfloat16)
+    backend, ref = H.start_vllm_and_reference(loop, tmp_path_factory, "tiny", DTYPE, gpu_memory_utilization=0.25,
+                                              max_num_seqs=256, warmup_requests=4)
     yield backend, ref
     loop.run_until_complete(backend.close())
 
