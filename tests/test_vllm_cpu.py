@@ -22,6 +22,7 @@ from engine.llm.vllm_backend.bistream_plan import BistreamPlanner
 from engine.llm.vllm_backend.logits_math import EXTRA_KEY, RowParams, apply_rows, ras_log_probs, repeated_mask
 from engine.llm.vllm_backend.sampling import request_kwargs, sampler_kwargs
 from engine.llm.vllm_backend.unified import embed_unified
+from tests.golden_parts.llm import forced_sampler
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO.parent / "shared" / "golden" / "tiny-s1"
@@ -336,21 +337,7 @@ def _run_planner(b, sampler, max_yield=None):
 def test_bistream_planner_matches_golden_forced(golden_llm):
     b = golden_llm["bistream"]
     f = b["forced"]
-    state = {"j": 0, "stream_calls": 0, "final_calls": 0}
-
-    def sampler(ignore_eos):
-        if ignore_eos:
-            state["stream_calls"] += 1
-            if state["stream_calls"] == f["fill_at_stream_call"]:
-                return uid.FILL
-        else:
-            state["final_calls"] += 1
-            if state["final_calls"] > f["n_final_before_eos"]:
-                return uid.EOS
-        state["j"] += 1
-        return f["pool"][state["j"] - 1]
-
-    forwards, yielded = _run_planner(b, sampler)
+    forwards, yielded = _run_planner(b, forced_sampler(f))
     want = [_unified(e["inputs"]) for e in f["events"] if e["kind"] == "forward"]
     assert forwards == want
     assert yielded == list(f["yielded"])

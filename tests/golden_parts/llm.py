@@ -145,24 +145,32 @@ def _run_bistream(set_dir: str, b: dict, choose, max_yield: int | None = None):
     return events, hiddens, logps
 
 
-@torch.inference_mode()
-def _check_bistream_forced(set_dir: str, b: dict) -> None:
-    f = b["forced"]
-    pool, state = f["pool"], {"j": 0, "stream_calls": 0, "final_calls": 0}
+def forced_sampler(forced: dict):
+    """The deterministic sampler of the golden ``bistream.forced`` run (README §4.3): called with
+    ``ignore_eos`` once per sampler call, it returns the fill at the ``fill_at_stream_call``-th
+    streaming call, eos after ``n_final_before_eos`` final-phase calls, else the next pool id."""
+    state = {"j": 0, "stream_calls": 0, "final_calls": 0}
 
-    def choose(sm, logp):
-        if sm.ignore_eos:
+    def sample(ignore_eos: bool) -> int:
+        if ignore_eos:
             state["stream_calls"] += 1
-            if state["stream_calls"] == f["fill_at_stream_call"]:
+            if state["stream_calls"] == forced["fill_at_stream_call"]:
                 return uid.FILL
         else:
             state["final_calls"] += 1
-            if state["final_calls"] > f["n_final_before_eos"]:
+            if state["final_calls"] > forced["n_final_before_eos"]:
                 return uid.EOS
         state["j"] += 1
-        return pool[state["j"] - 1]
+        return forced["pool"][state["j"] - 1]
 
-    events, hiddens, logps = _run_bistream(set_dir, b, choose)
+    return sample
+
+
+@torch.inference_mode()
+def _check_bistream_forced(set_dir: str, b: dict) -> None:
+    f = b["forced"]
+    sample = forced_sampler(f)
+    events, hiddens, logps = _run_bistream(set_dir, b, lambda sm, logp: sample(sm.ignore_eos))
     want = [{k: v for k, v in e.items() if k != "hidden"} for e in f["events"]]
     for i, (g, w) in enumerate(zip(events, want)):
         assert g == w, f"event {i}: got {g}, upstream {w}"
