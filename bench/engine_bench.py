@@ -14,7 +14,8 @@ Each stream registers nothing new (one shared voice), then pushes its text in wo
   audio finished, counted only when the chunk's segment had been released before that moment
   (waiting for text the chatbot has not written yet is not the engine's fault);
 * real-time factor per stream (wall time from first fragment to final chunk / audio seconds) and the
-  total audio seconds produced per wall second; peak GPU memory; the card and the date.
+  total audio seconds produced per wall second; peak GPU memory (allocated and reserved by
+  the engine process's caching allocator); the card and the date.
 
 Random weights never stop the LLM, so the engine's ``fixed_tokens_per_char`` fixes each segment's
 token count from its text length: ``--tokens-per-char`` (default 5/3 = 25 tokens per second of
@@ -216,6 +217,7 @@ async def run_once(engine, concurrency: int, batching: bool, args, voice_id: str
     if args.cuda:
         import torch
         out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     return out
 
 
@@ -231,7 +233,7 @@ def markdown(meta: dict, runs: list[dict]) -> str:
              f"text {meta['chars_per_s']} chars/s, {meta['text_chars']} chars/stream, "
              f"{meta['tokens_per_char']:.3f} speech tokens/char.", "",
              "| c | batching | TTFA release p50/p95 (ms) | TTFA all segs p95 (ms) | TTFA 1st fragment p50 (ms) "
-             "| slack p5 (ms) | underruns (streams) | RTF p50 | audio s / wall s | mean batch | finished | peak GPU GiB |",
+             "| slack p5 (ms) | underruns (streams) | RTF p50 | audio s / wall s | mean batch | finished | peak GPU GiB alloc/reserved |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(
@@ -241,7 +243,8 @@ def markdown(meta: dict, runs: list[dict]) -> str:
             f"| {fmt(r['ttfa_from_first_fragment_p50_s'], 1e3)} | {fmt(r['slack_p5_s'], 1e3)} "
             f"| {r['underruns']} ({r['streams_with_underruns']}) | {fmt(r['rtf_p50'], 1, 2)} "
             f"| {fmt(r['audio_s_per_wall_s'], 1, 2)} | {fmt(r['mean_batch'], 1, 1)} "
-            f"| {r['finished']}/{r['concurrency']} | {r.get('peak_gpu_memory_gib', '-')} |")
+            f"| {r['finished']}/{r['concurrency']} "
+            f"| {r.get('peak_gpu_memory_gib', '-')}/{r.get('peak_gpu_reserved_gib', '-')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -74,6 +74,9 @@ class Token2WavRunner(Protocol):
         """Run the calls of ``items`` together; per item (float32 samples at 24 kHz, new HiFT cache)."""
         ...
 
+    # Optional: ``padded_cost(streams, frames) -> int``, the stream-frames a call of ``streams`` rows
+    # of at most ``frames`` frames really computes (CUDA-graph buckets); default streams × frames.
+
 
 @dataclass
 class StreamSpec:
@@ -115,9 +118,9 @@ class _Stream:
 
 @dataclass
 class SchedulerConfig:
-    frame_budget: int = 32000     # padded mel frames (rows x longest prompt+prefix+new) per flow call
+    frame_budget: int = 8192      # padded mel frames (rows x longest prompt+prefix+new) per flow call
     max_batch: int = 128          # streams per call; 1 = the --no-batching baseline
-    urgent_frame_budget: int | None = 8000   # budget of a step led by a first chunk (short step)
+    urgent_frame_budget: int | None = 2048   # budget of a step led by a first chunk (short step)
     idle_poll_s: float = 0.005    # re-plan interval while streams wait for tokens
 
 
@@ -284,7 +287,7 @@ class Scheduler:
     def _step(self) -> bool:
         now = self.clock()
         chosen = pack(self._candidates(now), self.config.frame_budget, self.config.max_batch,
-                      self.config.urgent_frame_budget)
+                      self.config.urgent_frame_budget, getattr(self.runner, "padded_cost", None))
         if not chosen:
             return False
         items, new_frames = [], 0

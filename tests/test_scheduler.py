@@ -86,6 +86,10 @@ def test_pack_respects_budget_and_batch_limit():
     first = Candidate(deadline_key(False, None, 0.0), 20, "new", ChunkPlan(1, 0, True))
     assert [c.stream_id for c in pack(cands + [first], 1000, 10, urgent_frame_budget=60)] == ["new", "a"]
     assert len(pack(cands, 1000, 10, urgent_frame_budget=60)) == 4          # no first chunk: full budget
+    # with buckets of 4 rows, a 2nd or 3rd stream is free up to the bucket's longest row
+    bucketed = lambda rows, frames: -(-rows // 4) * 4 * frames  # noqa: E731
+    assert [c.stream_id for c in pack(cands, 120, 10)] == ["a", "b"]
+    assert [c.stream_id for c in pack(cands, 120, 10, padded_cost=bucketed)] == ["a", "c", "d"]
     assert flow_cost_frames(7, ChunkPlan(18, 0, False)) == 2 * (7 + 15)
     assert flow_cost_frames(7, ChunkPlan(50, 40, True)) == 2 * (7 + 50)
 
@@ -468,14 +472,15 @@ def test_bucket_padding_of_the_flow_estimator_is_exact(one_thread):
                                use_graphs=False)
     padded.decoder.estimator = wrapper
     got = padded.inference_batch(*args)
-    assert wrapper.eager_calls == 0 and len(wrapper._graphs) == 1     # 4 rows -> 8, 74 frames -> 128
+    assert wrapper.eager_calls == 0 and wrapper.padded_calls == 10     # 4 rows -> 8, 74 frames -> 128
+    assert wrapper.padded_shape(4, 74) == (8, 128) and wrapper.padded_shape(9, 74) == (9, 74)
     for g, w in zip(got, want):
         assert g.shape == w.shape and (g - w).abs().max().item() <= MEL_ATOL
     small = GraphedEstimator(copy.deepcopy(flow.decoder.estimator), rows=[2], frames=[64], max_elements=10**6,
                              use_graphs=False)
     padded.decoder.estimator = small
     padded.inference_batch(*args)
-    assert small.eager_calls == 10 and not small._graphs               # outside every bucket: eager
+    assert small.eager_calls == 10 and small.padded_calls == 0         # outside every bucket: eager
 
 
 def test_a_failing_call_fails_its_streams_and_the_worker_goes_on():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 TOKENS_PER_SECOND = 25
 FRAMES_PER_TOKEN = 2
@@ -150,14 +150,17 @@ def flow_cost_frames(prompt_tokens: int, plan: ChunkPlan, lookahead: int = 3) ->
 
 
 def pack(candidates: Sequence[Candidate], frame_budget: int, max_batch: int,
-         urgent_frame_budget: int | None = None) -> list[Candidate]:
+         urgent_frame_budget: int | None = None,
+         padded_cost: Callable[[int, int], int] | None = None) -> list[Candidate]:
     """Candidates in deadline order, greedily, while the padded batch fits ``frame_budget``.
 
     A batched flow call pads every row to the longest one, so the cost of a batch is
-    ``rows × max(cost_frames)``. The most urgent candidate is always taken (even over budget) so
-    that no stream starves; later ones that do not fit are skipped in favour of cheaper ones behind
-    them. When the most urgent candidate is a stream's first chunk, ``urgent_frame_budget`` (if
-    given) replaces the budget, keeping that step short."""
+    ``rows × max(cost_frames)``, or ``padded_cost(rows, longest)`` where the flow pads further (CUDA
+    graph buckets: a stream that still fits the bucket costs nothing). The most urgent candidate is
+    always taken (even over budget) so that no stream starves; later ones that do not fit are skipped
+    in favour of cheaper ones behind them. When the most urgent candidate is a stream's first chunk,
+    ``urgent_frame_budget`` (if given) replaces the budget, keeping that step short."""
+    cost = padded_cost or (lambda rows, frames: rows * frames)
     chosen: list[Candidate] = []
     longest = 0
     ordered = sorted(candidates)
@@ -166,7 +169,7 @@ def pack(candidates: Sequence[Candidate], frame_budget: int, max_batch: int,
     for c in ordered:
         if len(chosen) >= max_batch:
             break
-        if chosen and (len(chosen) + 1) * max(longest, c.cost_frames) > frame_budget:
+        if chosen and cost(len(chosen) + 1, max(longest, c.cost_frames)) > frame_budget:
             continue
         chosen.append(c)
         longest = max(longest, c.cost_frames)

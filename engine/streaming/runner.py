@@ -24,6 +24,15 @@ class BatchedToken2Wav:
         self.device = torch.device(device)
         self.lookahead, self.ratio = lookahead, token_mel_ratio
 
+    def padded_cost(self, streams: int, frames: int) -> int:
+        """Stream-frames a flow call of ``streams`` streams of at most ``frames`` mel frames computes
+        (the estimator's CUDA-graph bucket, 2 CFG rows per stream)."""
+        est = getattr(getattr(self.flow, "decoder", None), "estimator", None)
+        if not hasattr(est, "padded_shape"):
+            return streams * frames
+        rows, padded_frames = est.padded_shape(2 * streams, frames)
+        return rows * padded_frames // 2
+
     @torch.inference_mode()
     def run(self, items: list[CallItem]) -> list[tuple[np.ndarray, object]]:
         """float32 24 kHz samples and the new HiFT cache (None after a final call) per item."""

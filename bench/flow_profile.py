@@ -1,0 +1,136 @@
+"""Where a token2wav step's time goes: the flow encoder, the estimator (CUDA graphs vs eager), HiFT.
+
+    python -m bench.flow_profile --model /tmp/cosy-full --device cuda --dtype bfloat16 --out-md prof.md
+
+Times each stage alone on random inputs of the given model (CUDA events around ``--iters`` calls
+after warm-up), then one whole first-chunk step (prompt + 18 tokens, one stream) phase by phase,
+and prints the torch.profiler table of that step (top ops by self device time). Writes Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def timed(fn, iters: int, device: torch.device) -> float:
+    """Mean milliseconds of ``fn()`` over ``iters`` calls (after 2 warm-up calls), device-synchronised."""
+    for _ in range(2):
+        fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) * 1000 / iters
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--rows", default="2,8,32,64,128")
+    ap.add_argument("--frames", default="256,512,1024")
+    ap.add_argument("--out-md", default=None)
+    args = ap.parse_args(argv)
+    from engine.models import load_models
+    models = load_models(args.model, args.device, args.dtype, load_llm=False)  # outside inference mode:
+    with torch.inference_mode():                                               # HiFT folds weight norm
+        text = profile(args, models)
+    print(text)
+    if args.out_md:
+        Path(args.out_md).write_text(text + "\n")
+
+
+def profile(args, m) -> str:
+    """The Markdown report (see the module docstring)."""
+    from engine.engine import EngineConfig
+    from engine.scheduler import CallItem, FlowPrompt
+    from engine.streaming.cuda_graphs import install_graphed_estimator
+    from engine.streaming.policy import ChunkPlan
+    from engine.streaming.runner import BatchedToken2Wav
+    from engine.token2wav import VocodeItem, vocode_batch
+
+    dev, flow, hift = m.device, m.flow, m.hift
+    est_eager = flow.decoder.estimator
+    edt = flow.decoder.estimator_dtype
+    cfg = EngineConfig()
+    use_graphs = dev.type == "cuda"
+    est = install_graphed_estimator(flow, cfg.graph_rows, cfg.graph_frames, cfg.graph_max_elements, use_graphs)
+    lines = [f"# token2wav profile: {torch.cuda.get_device_name(dev) if use_graphs else 'CPU'}, "
+             f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, estimator {edt}, model {args.model}", ""]
+
+    def estimator_call(module, R, T):
+        x = torch.randn(R, 80, T, device=dev, dtype=edt)
+        mask = torch.ones(R, 1, T, device=dev, dtype=edt)
+        t = torch.rand(R, device=dev)
+        spks = torch.randn(R, 80, device=dev, dtype=edt)
+        stream = torch.ones(R, dtype=torch.bool, device=dev)
+        return lambda: module(x, mask, x, t, spks, x, stream)
+
+    lines += ["## Estimator, one Euler step (rows = 2 per stream)", "",
+              "| rows | frames | graph ms | eager ms | frame-evals/s (graph) |", "|---|---|---|---|---|"]
+    for R in [int(r) for r in args.rows.split(",")]:
+        for T in [int(f) for f in args.frames.split(",")]:
+            g_ms = timed(estimator_call(est, R, T), args.iters, dev)
+            e_ms = timed(estimator_call(est_eager, R, T), max(2, args.iters // 3), dev)
+            lines.append(f"| {R} | {T} | {g_ms:.2f} | {e_ms:.2f} | {R * T / g_ms * 1000:,.0f} |")
+        print("\n".join(lines[-len(args.frames.split(",")):]), flush=True)
+
+    def flow_inputs(B, prompt_tokens, tokens):
+        return ([torch.randint(0, 6561, (tokens,)) for _ in range(B)],
+                [torch.randint(0, 6561, (prompt_tokens,)) for _ in range(B)],
+                [torch.randn(2 * prompt_tokens, 80) for _ in range(B)],
+                torch.randn(B, 192, device=dev), [True] * B, [False] * B)
+
+    lines += ["", "## Flow encoder and whole flow call (prompt 75 tokens)", "",
+              "| streams | tokens | encode ms | flow call ms |", "|---|---|---|---|"]
+    for B, n in [(1, 18), (1, 100), (16, 100), (64, 100), (64, 300)]:
+        inp = flow_inputs(B, 75, n)
+        enc = timed(lambda: flow.encode_batch(*inp), args.iters, dev)
+        call = timed(lambda: flow.inference_batch(*inp), max(2, args.iters // 3), dev)
+        lines.append(f"| {B} | {n} | {enc:.2f} | {call:.2f} |")
+        print(lines[-1], flush=True)
+
+    lines += ["", "## HiFT, one batched vocode call (+8 cached frames per row)", "",
+              "| streams | new frames | ms | audio s per call |", "|---|---|---|---|"]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for B, frames in [(1, 30), (1, 100), (16, 100), (64, 100), (64, 200)]:
+        def vocode():
+            items = [VocodeItem(torch.randn(80, frames, device=dev), None, False, gen) for _ in range(B)]
+            vocode_batch(hift, items)
+        ms = timed(vocode, args.iters, dev)
+        lines.append(f"| {B} | {frames} | {ms:.2f} | {B * frames / 50:.1f} |")
+        print(lines[-1], flush=True)
+
+    # One whole first-chunk step of one stream, phase by phase, then the profiler's view.
+    runner = BatchedToken2Wav(flow, hift, dev)
+    prompt = FlowPrompt(torch.randint(0, 6561, (75,)), torch.randn(150, 80), torch.randn(192))
+    item = lambda: CallItem(prompt, torch.randint(0, 6561, (18,)), ChunkPlan(18, 0, False), None, gen)  # noqa: E731
+    step_ms = timed(lambda: runner.run([item()]), args.iters, dev)
+    lines += ["", f"## One stream's first chunk (75 prompt + 18 tokens): {step_ms:.1f} ms per step", ""]
+    if dev.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                runner.run([item()])
+            torch.cuda.synchronize()
+        for key in ("self_cuda_time_total", "cpu_time_total"):
+            lines += [f"top ops by {key} (3 steps):", "```",
+                      prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=50), "```"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
