@@ -16,6 +16,7 @@ import logging
 import math
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -260,10 +261,11 @@ class TTSStream:
         sch = self.engine.scheduler
         try:
             if text_ids:
-                async for toks in self.engine.backend.generate(self._request(text, text_ids)):
-                    if self._closed:
-                        return
-                    sch.add_tokens(self.stream_id, index, toks)
+                async with aclosing(self.engine.backend.generate(self._request(text, text_ids))) as tokens:
+                    async for toks in tokens:
+                        if self._closed:
+                            return
+                        sch.add_tokens(self.stream_id, index, toks)
         finally:
             if not self._closed:
                 sch.end_utterance(self.stream_id, index)
@@ -287,18 +289,19 @@ class TTSStream:
         req = self._request("", [])
         per_char = self.engine.config.fixed_tokens_per_char
         try:
-            async for toks in self.engine.backend.generate_bistream(req, text_ids()):
-                if self._closed:
-                    return
-                if per_char and ended.is_set():
-                    cap = max(1, math.ceil(chars[0] * per_char))
-                    toks = toks[:max(0, cap - self._bistream_tokens)]
-                self._bistream_tokens += len(toks)
-                if toks:
-                    sch.add_tokens(self.stream_id, 0, toks)
-                if per_char and ended.is_set() and self._bistream_tokens >= math.ceil(chars[0] * per_char):
-                    await self.engine.backend.abort(req.request_id)
-                    break
+            async with aclosing(self.engine.backend.generate_bistream(req, text_ids())) as tokens:
+                async for toks in tokens:
+                    if self._closed:
+                        return
+                    if per_char and ended.is_set():
+                        cap = max(1, math.ceil(chars[0] * per_char))
+                        toks = toks[:max(0, cap - self._bistream_tokens)]
+                    self._bistream_tokens += len(toks)
+                    if toks:
+                        sch.add_tokens(self.stream_id, 0, toks)
+                    if per_char and ended.is_set() and self._bistream_tokens >= math.ceil(chars[0] * per_char):
+                        await self.engine.backend.abort(req.request_id)
+                        break
         finally:
             if not self._closed:
                 sch.end_utterance(self.stream_id, 0)

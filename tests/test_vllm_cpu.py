@@ -531,6 +531,53 @@ def test_backend_bistream_with_fake_vllm_equals_torch_loop(tiny_lm, monkeypatch,
     assert b.running_requests() == 0
 
 
+@pytest.mark.parametrize("transport", ["session", "resubmit"])
+def test_bistream_stopped_by_its_bound_leaves_no_request_running(tiny_lm, monkeypatch, transport):
+    """The vLLM request ends when the consumer's loop ends, not later when the event loop
+    finalizes abandoned generators (a long-lived server loop would keep it running meanwhile)."""
+    b = _fake_backend(tiny_lm, monkeypatch, bistream_transport=transport)
+
+    async def run():
+        n = 0
+        async for toks in b.generate_bistream(LLMRequest("bi", [], max_tokens=12), _texts([[1, 2, 3]] * 50)):
+            n += len(toks)
+        return n, b.running_requests()    # checked before asyncio.run finalizes anything
+    assert asyncio.run(run()) == (12, 0)
+
+
+class _AheadFakeEngine(_FakeEngine):
+    """A session as vLLM's async scheduling delivers it to a lagging consumer: the token sampled by
+    the step already scheduled after a chunk's stop is merged into the stop delta and clears its
+    finish_reason."""
+
+    async def generate(self, prompt, sp, rid):
+        inner = super().generate(prompt, sp, rid)
+        try:
+            async for o in inner:
+                if o.outputs[0].finish_reason == "stop" and not o.finished:
+                    o = _Out(o.outputs[0].token_ids + [0])
+                yield o
+        finally:
+            await inner.aclose()
+
+
+def test_session_transport_refuses_async_scheduling_and_tokens_after_a_stop(tiny_lm, monkeypatch):
+    """Both fail fast instead of waiting forever for the end of the first chunk."""
+    b = _fake_backend(tiny_lm, monkeypatch, bistream_transport="session")
+    req = LLMRequest("bi", [], max_tokens=40)
+
+    async def run():
+        async for _ in b.generate_bistream(req, _texts([[1, 2, 3]] * 4)):
+            pass
+    b.engine.vllm_config = types.SimpleNamespace(scheduler_config=types.SimpleNamespace(async_scheduling=True))
+    with pytest.raises(RuntimeError, match="async scheduling"):
+        asyncio.run(asyncio.wait_for(run(), 10))
+    b.engine = _AheadFakeEngine(b.engine.model)
+    with pytest.raises(RuntimeError, match="after the chunk's stop id"):
+        asyncio.run(asyncio.wait_for(run(), 10))
+    assert b.running_requests() == 0
+
+
 def test_backend_generate_and_abort_with_fake_vllm(tiny_lm, monkeypatch):
     from tests.gpu.helpers import torch_greedy
     b = _fake_backend(tiny_lm, monkeypatch)
@@ -570,5 +617,29 @@ def test_engine_kwargs(tmp_path):
     assert kw["hf_overrides"]["vocab_size"] == 6564 and kw["hf_overrides"]["head_dtype"] == "float32"
     assert kw["logits_processors"] == [hf_config.PROCESSOR] and kw["max_num_seqs"] == 64
     assert kw["cudagraph_capture_sizes"] == [1, 8] and Path(kw["model"]).parent == tmp_path
-    assert "logits_processors" not in engine_kwargs(GOLDEN / "model", VLLMOptions(
-        logits_processor=False, config_cache_dir=str(tmp_path)), ModelConfig.tiny().llm)
+    assert kw["additional_config"] == {"cosyvoice_pacing": {"tokens_per_s": 100.0, "busy_rows": 4}}
+    plain = engine_kwargs(GOLDEN / "model", VLLMOptions(logits_processor=False, config_cache_dir=str(tmp_path)),
+                          ModelConfig.tiny().llm)
+    assert "logits_processors" not in plain and "additional_config" not in plain
+
+
+def test_decode_pacer_caps_the_step_rate_of_busy_steps():
+    from engine.llm.vllm_backend.pacing import DecodePacer
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+    p = DecodePacer.from_config({"cosyvoice_pacing": {"tokens_per_s": 50, "busy_rows": 3}})
+    p.clock, p.sleep = (lambda: now[0]), sleep
+    assert DecodePacer.from_config({}) is None and DecodePacer.from_config(None) is None
+    for rows in [1, 2, 2, 0]:                  # fewer than busy_rows requests: unpaced
+        assert p.wait(rows) == 0.0
+        now[0] += 0.005
+    starts = []
+    for _ in range(5):                         # busy: one step per 20 ms
+        p.wait(3)
+        starts.append(now[0])
+        now[0] += 0.005                        # the step's own work
+    assert all(abs(b - a - 0.02) < 1e-9 for a, b in zip(starts, starts[1:]))
+    now[0] += 1.0
+    assert p.wait(10) == 0.0                   # after an idle second no sleep is owed

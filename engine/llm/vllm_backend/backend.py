@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
@@ -21,7 +22,7 @@ from engine.checkpoint import ModelDir
 from engine.config import LLMConfig
 from engine.llm import ids as uid
 from engine.llm.backend import LLMRequest
-from engine.llm.vllm_backend import hf_config
+from engine.llm.vllm_backend import hf_config, pacing
 from engine.llm.vllm_backend.bistream_plan import BistreamPlanner, Chunk
 from engine.llm.vllm_backend.logits_math import RowParams
 from engine.llm.vllm_backend.sampling import base_kwargs, make_sampling_params, request_kwargs, sampler_kwargs
@@ -42,8 +43,12 @@ class VLLMOptions:
     enforce_eager: bool = False           # no torch.compile / CUDA graphs (fast start, tests)
     cudagraph_capture_sizes: list[int] | None = None
     logits_processor: bool = True         # RAS + bistream forcing; False keeps Model Runner V2
-    # "resubmit" is verified on the H100; "session" (vLLM streaming input) stalled on its first chunk
-    # when it was the only request on the engine (docs/VLLM.md, open issue).
+    # Decode pacing (pacing.py, needs the logits processor): while pace_busy_rows or more requests
+    # decode, at most this many steps a second (4x real-time speech), leaving the GPU to flow/HiFT.
+    pace_tokens_per_s: float | None = 100.0
+    pace_busy_rows: int = 4
+    # "session" (vLLM streaming input) needs engine_kwargs={"async_scheduling": False} (docs/VLLM.md);
+    # "resubmit" works with vLLM's defaults.
     bistream_transport: Literal["session", "resubmit"] = "resubmit"
     bistream_max_tokens: int = 2000       # safety bound per bistream chunk when the request has none
     greedy: bool = False                  # tests only: argmax decoding
@@ -72,6 +77,9 @@ def engine_kwargs(model_dir: str | Path, opts: VLLMOptions, cfg: LLMConfig) -> d
         kw["cudagraph_capture_sizes"] = list(opts.cudagraph_capture_sizes)
     if opts.logits_processor:
         kw["logits_processors"] = [hf_config.PROCESSOR]
+        if opts.pace_tokens_per_s:
+            kw["additional_config"] = {pacing.CONFIG_KEY: {"tokens_per_s": opts.pace_tokens_per_s,
+                                                          "busy_rows": opts.pace_busy_rows}}
     kw.update(opts.engine_kwargs)
     return kw
 
@@ -139,10 +147,11 @@ class VLLMBackend:
         prompt = uid.prefix_unified_ids(request.prompt_text_ids, request.text_ids, request.prompt_speech_tokens)
         kwargs = self.request_kwargs(request, len(prompt))
         try:
-            async for out in self.generate_raw(request.request_id, prompt, kwargs):
-                toks = [t for t in out.outputs[0].token_ids if t < uid.EOS]
-                if toks:
-                    yield toks
+            async with aclosing(self.generate_raw(request.request_id, prompt, kwargs)) as outs:
+                async for out in outs:
+                    toks = [t for t in out.outputs[0].token_ids if t < uid.EOS]
+                    if toks:
+                        yield toks
         finally:
             self._aborted.discard(request.request_id)
 
@@ -159,11 +168,12 @@ class VLLMBackend:
                 return
             gen = self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)),
                                        make_sampling_params(kwargs), vid)
-            async for out in gen:
-                finished = out.finished
-                yield out
-                if finished or request_id in self._aborted:
-                    break
+            async with aclosing(gen):
+                async for out in gen:
+                    finished = out.finished
+                    yield out
+                    if finished or request_id in self._aborted:
+                        break
         finally:
             if not finished:
                 await self._abort_vllm(vid)
@@ -244,12 +254,28 @@ class VLLMBackend:
         want = max(request.max_tokens or self.opts.bistream_max_tokens, self.cfg.mix_ratio[1] + 1)
         return min(want, self.opts.max_model_len - 1)
 
+    def _schedules_ahead(self) -> bool:
+        """Whether vLLM schedules every running request one step ahead (async scheduling: on by
+        default on GPU, forced off on CPU)."""
+        cfg = getattr(self.engine, "vllm_config", None)
+        return bool(cfg is not None and cfg.scheduler_config.async_scheduling)
+
     async def _session_chunks(self, request, planner, wake, failure) -> AsyncIterator[list[int]]:
         """One vLLM streaming-input session; each chunk is queued only after the previous one
         stopped (its outputs decide the next chunk). Fill forcing is done by the logits processor
-        because a session's max_tokens is fixed by its first chunk."""
+        because a session's max_tokens is fixed by its first chunk.
+
+        Needs an engine without async scheduling (``engine_kwargs={"async_scheduling": False}``);
+        raises RuntimeError otherwise. A chunk ends at its first stop id (or a length cut); vLLM
+        then drops that last sampled id from the session, so the fill is never fed."""
         from vllm.engine.protocol import StreamingInput
         from vllm.inputs import TokensPrompt
+        if self._schedules_ahead():
+            # vLLM 0.26 has already scheduled the step after a chunk's stop: the stop id enters the
+            # KV cache (the fill would be fed) and one stale token arrives after the stop; as a DELTA
+            # merged into the stop output it also clears finish_reason (the first-chunk stall).
+            raise RuntimeError("bistream_transport='session' needs vLLM without async scheduling "
+                               "(VLLMOptions.engine_kwargs={'async_scheduling': False})")
         rid = request.request_id
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -260,7 +286,6 @@ class VLLMBackend:
                                      sampling_params=item[1])
 
         gen = None
-        nxt = None
         finished = False
         max_tokens = self._safety(request)
         self._live[rid] = rid
@@ -268,29 +293,30 @@ class VLLMBackend:
             while (chunk := await self._next_chunk(rid, planner, wake, failure)) is not None:
                 sp = make_sampling_params(self._chunk_kwargs(request, chunk, max_tokens, True,
                                                              len(planner.out_tokens) - planner.out_tokens.count(uid.FILL)))
-                if gen is None:
-                    # Let vLLM register the session before its first chunk exists (the order under
-                    # which sessions were seen working on the H100).
-                    gen = self.engine.generate(inputs(), sp, rid)
-                    nxt = asyncio.ensure_future(gen.__anext__())
-                    await asyncio.sleep(0.005)
                 await queue.put((chunk.ids, sp))
+                if gen is None:
+                    # vLLM starts the task that reads ``inputs()`` on the first __anext__.
+                    gen = self.engine.generate(inputs(), sp, rid)
                 log.debug("%s: chunk of %d ids queued (final=%s, force at %s)", rid, len(chunk.ids),
                           chunk.final, chunk.force_fill_at)
                 sampled: list[int] = []
+                stop = set(chunk.stop_ids)
                 while True:
-                    out = await (nxt if nxt is not None else gen.__anext__())
-                    nxt = None
+                    out = await gen.__anext__()
                     o = out.outputs[0]
-                    sampled += o.token_ids
-                    toks = [t for t in o.token_ids if t < uid.EOS]
+                    new = list(o.token_ids)
+                    end = next((i + 1 for i, t in enumerate(new) if t in stop), None)
+                    if end is not None and end < len(new):
+                        raise RuntimeError(f"vLLM sampled {new[end:]} after the chunk's stop id")
+                    sampled += new
+                    toks = [t for t in new if t < uid.EOS]
                     if toks:
                         yield toks
                     if out.finished:
                         finished = True
                         if rid in self._aborted or o.finish_reason == "abort":
                             return
-                    if o.finish_reason is not None or out.finished:
+                    if end is not None or o.finish_reason is not None or out.finished:
                         break
                 log.debug("%s: chunk done, %d ids sampled, last %s", rid, len(sampled), sampled[-1:])
                 if not chunk.final and (not sampled or sampled[-1] != uid.FILL):
@@ -301,12 +327,7 @@ class VLLMBackend:
         finally:
             if gen is not None and not finished:
                 await self._abort_vllm(rid)
-                if nxt is not None:
-                    nxt.cancel()
-                try:
-                    await gen.aclose()
-                except RuntimeError:   # cancelled while vLLM's generator was mid-step
-                    pass
+                await gen.aclose()
             self._live.pop(rid, None)
 
     async def _resubmit_chunks(self, request, planner, wake, failure) -> AsyncIterator[list[int]]:
@@ -326,12 +347,14 @@ class VLLMBackend:
                                                    chunk.mask_ids), min(limit, budget), processor, emitted)
             sampled: list[int] = []
             aborted = False
-            async for out in self.generate_raw(rid, prompt, kw, vllm_id=f"{rid}#{k}"):
-                sampled += out.outputs[0].token_ids
-                toks = [t for t in out.outputs[0].token_ids if t < uid.EOS]
-                if toks:
-                    yield toks
-                aborted = out.outputs[0].finish_reason == "abort"
+            # aclosing: when our consumer leaves, the vLLM request is aborted now, not at GC time
+            async with aclosing(self.generate_raw(rid, prompt, kw, vllm_id=f"{rid}#{k}")) as outs:
+                async for out in outs:
+                    sampled += out.outputs[0].token_ids
+                    toks = [t for t in out.outputs[0].token_ids if t < uid.EOS]
+                    if toks:
+                        yield toks
+                    aborted = out.outputs[0].finish_reason == "abort"
             k += 1
             if aborted or rid in self._aborted:
                 return

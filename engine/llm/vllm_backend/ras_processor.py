@@ -1,4 +1,5 @@
-"""The CosyVoice V1 logits processor for vLLM (RAS, eos-before-min_len mask, bistream fill forcing).
+"""The CosyVoice V1 logits processor for vLLM (RAS, eos-before-min_len mask, bistream fill forcing,
+decode pacing: ``pacing.py``).
 
 Installed engine-wide with ``logits_processors=[PROCESSOR]``; it acts only on requests whose
 ``SamplingParams.extra_args`` hold ``logits_math.EXTRA_KEY``. Any custom processor makes vLLM fall
@@ -15,6 +16,7 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from engine.llm.vllm_backend.hf_config import PROCESSOR  # noqa: F401  (the string vLLM imports)
 from engine.llm.vllm_backend.logits_math import EXTRA_KEY, RowParams, apply_rows
+from engine.llm.vllm_backend.pacing import DecodePacer
 
 
 def _params(sp: SamplingParams) -> RowParams | None:
@@ -33,6 +35,7 @@ class CosyVoiceLogitsProcessor(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.rows: dict[int, tuple[RowParams, list[int]]] = {}
+        self.pacer = DecodePacer.from_config(getattr(vllm_config, "additional_config", None))
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -44,4 +47,6 @@ class CosyVoiceLogitsProcessor(LogitsProcessor):
         process_dict_updates(self.rows, batch_update, new_state)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.pacer is not None:
+            self.pacer.wait(len(self.rows))
         return apply_rows(logits, self.rows)
