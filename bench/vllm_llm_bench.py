@@ -6,8 +6,8 @@ Per concurrency c: c zero-shot-shaped requests start together (prompt ≈ 1 + 60
 ids), each decodes exactly --tokens speech tokens. Reports time to the 1st and 18th token (the first
 audio chunk needs 15 + 3 lookahead tokens) p50/p95, tokens/s per request and in total. ``--ras``:
 ``on`` = logits processor installed, RAS requests (V1 model runner); ``off-proc`` = processor
-installed, plain top-k requests; ``off`` = no processor (Model Runner V2), plain top-k. Prints one
-table and writes JSON lines to --out.
+installed, plain top-k requests; ``off`` = no processor (Model Runner V2), plain top-k. Decode
+pacing is off: this measures the LLM alone. Prints one table and writes JSON lines to --out.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ async def wave(backend, c, tokens, ras, seed):
 
 async def run_mode(args, mode):
     opts = VLLMOptions(dtype=args.dtype, gpu_memory_utilization=args.mem, max_num_seqs=args.max_num_seqs,
-                       max_model_len=2048, logits_processor=mode != "off",
+                       max_model_len=2048, logits_processor=mode != "off", pace_tokens_per_s=None,
                        cudagraph_capture_sizes=[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256],
                        warmup_requests=16)
     backend = VLLMBackend(args.model_dir, opts)
