@@ -29,7 +29,7 @@ class ServerConfig:
     # Model / engine
     model: str = "pretrained_models/CosyVoice2-0.5B"
     device: str | None = None             # auto | cpu | cuda | cuda:N (None: the engine config's)
-    llm_backend: str | None = None        # torch | vllm (None: the engine config's)
+    llm_backend: str | None = None        # torch | vllm | auto (None: the engine config's)
     engine_config: str = "configs/engine.yaml"   # engine YAML (engine/engine.py: EngineConfig)
     engine: dict = field(default_factory=dict)   # EngineConfig overrides, e.g. {fixed_tokens_per_char: 2}
     # Auth: empty = open server (logged loudly at start)
@@ -110,7 +110,7 @@ def add_cli_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--host")
     ap.add_argument("--port", type=int)
     ap.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the engine config's)")
-    ap.add_argument("--llm-backend", dest="llm_backend", help="torch | vllm (default: the engine config's)")
+    ap.add_argument("--llm-backend", dest="llm_backend", help="torch | vllm | auto (default: the engine config's)")
     ap.add_argument("--engine-config", dest="engine_config", help="engine YAML (default configs/engine.yaml)")
     ap.add_argument("--api-key", dest="api_keys", action="append",
                     help="accepted API key (repeatable); none = open server")

@@ -114,23 +114,31 @@ def apply_rows(logits: Tensor, rows: dict[int, tuple[RowParams, list[int]]]) -> 
     if not rows:
         return logits
     neg = float("-inf")
+    fill_rows, mask_rows, mask_cols = [], [], []
     ras_idx, ras_hist, ras_p = [], [], []
     for i, (prm, out) in rows.items():
         n = len(out)
         if prm.force_fill_at is not None and n == prm.force_fill_at:
-            logits[i].fill_(neg)
-            logits[i, uid.FILL] = 0.0
+            fill_rows.append(i)
             continue
-        if prm.mask_ids:
-            logits[i, prm.mask_ids] = neg
-        if n < prm.eos_min_len:
-            logits[i, uid.EOS] = neg
+        cols = list(prm.mask_ids) + ([uid.EOS] if n < prm.eos_min_len else [])
+        mask_rows += [i] * len(cols)
+        mask_cols += cols
         if prm.ras:
+            w = prm.win_size
             ras_idx.append(i)
-            ras_hist.append(list(prm.history) + list(out))
+            ras_hist.append((list(prm.history[-w:]) + list(out[-w:]))[-w:])   # the window is all RAS reads
             ras_p.append(prm)
+    # One indexed write per kind for the whole batch: per-row writes cost a kernel launch each.
+    dev = logits.device
+    if mask_rows:
+        ix = torch.tensor([mask_rows, mask_cols], dtype=torch.long).to(dev, non_blocking=True)
+        logits[ix[0], ix[1]] = neg
+    if fill_rows:
+        f = torch.tensor(fill_rows, dtype=torch.long).to(dev, non_blocking=True)
+        logits[f] = neg
+        logits[f, uid.FILL] = 0.0
     if ras_idx:
-        dev = logits.device
         idx = torch.tensor(ras_idx, device=dev)
         rep = repeated_mask(ras_hist, [p.win_size for p in ras_p], [p.tau_r for p in ras_p],
                             logits.shape[-1], dev)
