@@ -210,6 +210,8 @@ async def run_once(engine, concurrency: int, batching: bool, args, voice_id: str
         "flow_calls": len(steps), "mean_batch": float(np.mean([s.batch for s in steps])) if steps else None,
         "mean_step_s": float(np.mean([s.seconds for s in steps])) if steps else None,
         "p95_step_s": pct([s.seconds for s in steps], 95),
+        # device time of the step's phases (CUDA events): compare with mean_step_s for host overhead
+        "mean_flow_s": _mean_phase(steps, "flow"), "mean_hift_s": _mean_phase(steps, "hift"),
         # flow work per emitted mel frame: prompt + prefix recomputation and padding included
         "flow_frames_per_new_frame": (sum(s.frames for s in steps) / max(1, sum(s.new_frames for s in steps))
                                       if steps else None),
@@ -219,6 +221,11 @@ async def run_once(engine, concurrency: int, batching: bool, args, voice_id: str
         out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         out["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     return out
+
+
+def _mean_phase(steps, name: str) -> float | None:
+    vals = [s.phases[name] for s in steps if name in s.phases]
+    return float(np.mean(vals)) if vals else None
 
 
 def fmt(v, scale=1.0, digits=0):
@@ -233,8 +240,8 @@ def markdown(meta: dict, runs: list[dict]) -> str:
              f"text {meta['chars_per_s']} chars/s, {meta['text_chars']} chars/stream, "
              f"{meta['tokens_per_char']:.3f} speech tokens/char.", "",
              "| c | batching | TTFA release p50/p95 (ms) | TTFA all segs p95 (ms) | TTFA 1st fragment p50 (ms) "
-             "| slack p5 (ms) | underruns (streams) | RTF p50 | audio s / wall s | mean batch | finished | peak GPU GiB alloc/reserved |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| slack p5 (ms) | underruns (streams) | RTF p50 | audio s / wall s | mean batch | step / flow / HiFT ms | finished | peak GPU GiB alloc/reserved |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(
             f"| {r['concurrency']} | {'yes' if r['batching'] else 'no'} "
@@ -243,6 +250,7 @@ def markdown(meta: dict, runs: list[dict]) -> str:
             f"| {fmt(r['ttfa_from_first_fragment_p50_s'], 1e3)} | {fmt(r['slack_p5_s'], 1e3)} "
             f"| {r['underruns']} ({r['streams_with_underruns']}) | {fmt(r['rtf_p50'], 1, 2)} "
             f"| {fmt(r['audio_s_per_wall_s'], 1, 2)} | {fmt(r['mean_batch'], 1, 1)} "
+            f"| {fmt(r['mean_step_s'], 1e3)} / {fmt(r['mean_flow_s'], 1e3)} / {fmt(r['mean_hift_s'], 1e3)} "
             f"| {r['finished']}/{r['concurrency']} "
             f"| {r.get('peak_gpu_memory_gib', '-')}/{r.get('peak_gpu_reserved_gib', '-')} |")
     return "\n".join(lines) + "\n"

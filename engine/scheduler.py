@@ -132,6 +132,7 @@ class StepRecord:
     new_frames: int      # mel frames emitted (the rest is prompt/prefix recomputation and padding)
     seconds: float
     stream_ids: list[str]
+    phases: dict[str, float] = field(default_factory=dict)   # runner's seconds per phase (flow, hift)
 
 
 class Scheduler:
@@ -315,7 +316,8 @@ class Scheduler:
             return True
         self.step_count += 1
         self.steps.append(StepRecord(len(items), len(items) * max(c.cost_frames for c in chosen),
-                                     new_frames, time.perf_counter() - t0, [c.stream_id for c in chosen]))
+                                     new_frames, time.perf_counter() - t0, [c.stream_id for c in chosen],
+                                     dict(getattr(self.runner, "last_phases", {}))))
         self._drain()  # a cancel that arrived during the call drops the stream before delivery
         done = self.clock()
         for c, (samples, cache) in zip(chosen, results):

@@ -266,6 +266,9 @@ def test_engine_bench_cpu_smoke(tiny_model_dir, tmp_path, one_thread):
     for r in runs:
         assert r["wall_s"] <= 8 + 5 and r["audio_s"] > 0 and r["flow_calls"] > 0
         assert r["ttfa_from_release_first_segment_p50_s"] is not None
+        # phase times (wall time on CPU) fit inside the step that ran them
+        assert 0 < r["mean_flow_s"] and 0 < r["mean_hift_s"]
+        assert r["mean_flow_s"] + r["mean_hift_s"] <= r["mean_step_s"]
     assert runs[1]["mean_batch"] == 1.0
     table = markdown(meta, runs)
     assert table.count("\n| ") == 1 + len(runs)      # header + one row per run

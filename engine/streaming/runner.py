@@ -7,6 +7,8 @@ tokens), keep the mel after ``2·token_offset``, vocode with the stream's HiFT c
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ class BatchedToken2Wav:
         self.flow, self.hift = flow, hift
         self.device = torch.device(device)
         self.lookahead, self.ratio = lookahead, token_mel_ratio
+        self.last_phases: dict[str, float] = {}    # seconds per phase of the last run (PhaseTimer)
 
     def padded_cost(self, streams: int, frames: int) -> int:
         """Stream-frames a flow call of ``streams`` streams of at most ``frames`` mel frames computes
@@ -38,6 +41,7 @@ class BatchedToken2Wav:
         """float32 24 kHz samples and the new HiFT cache (None after a final call) per item."""
         if not items:
             return []
+        timer = PhaseTimer(self.device)
         mels = self.flow.inference_batch(
             tokens=[it.tokens for it in items],
             prompt_tokens=[it.prompt.tokens for it in items],
@@ -52,7 +56,10 @@ class BatchedToken2Wav:
                 frames = max(1, int(new.shape[1] / it.speed))
                 new = F.interpolate(new[None], size=frames, mode="linear", align_corners=False)[0]
             vitems.append(VocodeItem(mel=new, cache=it.cache, finalize=it.plan.final, generator=it.generator))
-        audio = vocode_batch(self.hift, vitems)
+        timer.mark("flow")
+        audio = vocode_batch(self.hift, vitems)      # ends with a device->host copy: all work is done
+        timer.mark("hift")
+        self.last_phases = timer.seconds()
         return [(a, v.cache) for a, v in zip(audio, vitems)]
 
     @torch.inference_mode()
@@ -66,3 +73,32 @@ class BatchedToken2Wav:
         g = torch.Generator(device=dev)
         g.manual_seed(0)
         vocode_batch(self.hift, [VocodeItem(torch.zeros(80, 20, device=dev), None, False, g)])
+
+
+class PhaseTimer:
+    """Seconds between marks, as the device executed them: CUDA events on the current stream (no
+    synchronisation until ``seconds``), wall time on CPU. A CUDA span includes the GPU waiting for
+    launches and time lost to other processes on the card."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = [("start", self._now())]
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        """{name: seconds since the previous mark}."""
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+        out = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            out[name] = a.elapsed_time(b) / 1000 if self.cuda else b - a
+        return out
