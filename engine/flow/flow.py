@@ -18,6 +18,7 @@ from engine.config import FlowConfig
 from engine.flow.cfm import CausalConditionalCFM
 from engine.flow.encoder import UpsampleConformerEncoder
 from engine.flow.masks import length_mask
+from engine.tensors import upload
 
 
 @dataclass
@@ -128,10 +129,13 @@ class CausalMaskedDiffWithXvec(nn.Module):
                                  has_ctx, stream)
         mu = self.encoder_proj(h).transpose(1, 2).contiguous()          # [B, 80, ratio*T]
         spks = self.spk_embed_affine_layer(F.normalize(embeddings.to(device, torch.float32), dim=1))
-        cond = torch.zeros_like(mu)
+        # Prompt mels laid out on the host and uploaded once, without blocking: a per-row copy from
+        # pageable memory would wait for the encoder queued above.
+        cond_host = torch.zeros(B, mu.size(2), mel_dim)
         for i in range(B):
             if prompt_frames[i]:
-                cond[i, :, :prompt_frames[i]] = prompt_feats[i].to(device, torch.float32).T
+                cond_host[i, :prompt_frames[i]] = prompt_feats[i].to("cpu", torch.float32)
+        cond = upload(cond_host, torch.float32, device).transpose(1, 2).contiguous()
         mask = length_mask(h_lens, mu.size(2)).unsqueeze(1).to(mu.dtype)
         return FlowInputs(mu, mask, spks, cond, stream, prompt_frames, [ratio * n for n in lens])
 

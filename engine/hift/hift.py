@@ -25,6 +25,7 @@ from engine.hift.f0 import ConvRNNF0Predictor, masked
 from engine.hift.source import SourceModuleHnNSF, draw_source_noise
 from engine.hift.stft import hann_window, istft, stft
 from engine.hift.weight_norm import WNConv1d, WNConvTranspose1d, WeightNormConv
+from engine.tensors import upload
 
 SNAKE_EPS = 1e-9
 MAGNITUDE_MAX = 1e2
@@ -196,14 +197,10 @@ def _row_lengths(mel_lens, batch: int, T: int) -> list[int] | None:
 
 
 def lens_tensor(lens: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Row lengths as an int64 tensor on ``device``, uploaded without a blocking host->GPU copy
-    (a blocking copy would wait for all queued GPU work)."""
+    """Row lengths as an int64 tensor on ``device``, uploaded without blocking the host."""
     if isinstance(lens, torch.Tensor):
         return lens.to(device=device, dtype=torch.long)
-    t = torch.tensor(list(lens), dtype=torch.long)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return upload(list(lens), torch.long, device)
 
 
 def _length_mask(lens: torch.Tensor | None, factor: int, extra: int, length: int,

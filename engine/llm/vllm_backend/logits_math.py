@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from engine.llm import ids as uid
+from engine.tensors import upload
 
 EXTRA_KEY = "cosyvoice"   # SamplingParams.extra_args key holding RowParams.to_dict()
 
@@ -99,10 +100,10 @@ def repeated_mask(histories: list[list[int]], win_size: list[int], tau_r: list[f
                 toks.append(t)
     counts = torch.zeros(len(histories), vocab, dtype=torch.float32, device=device)
     if toks:
-        ix = torch.tensor([rows, toks], dtype=torch.long).to(device, non_blocking=True)
+        ix = upload([rows, toks], torch.long, device)
         counts.index_put_((ix[0], ix[1]), torch.ones(len(toks), device=device), accumulate=True)
     # Compare exactly as upstream does: int count >= the Python float win*tau.
-    thr = torch.tensor([w * t for w, t in zip(win_size, tau_r)], dtype=torch.float64).to(device)
+    thr = upload([w * t for w, t in zip(win_size, tau_r)], torch.float64, device)
     return counts.double() >= thr[:, None]
 
 
@@ -129,20 +130,21 @@ def apply_rows(logits: Tensor, rows: dict[int, tuple[RowParams, list[int]]]) -> 
             ras_idx.append(i)
             ras_hist.append((list(prm.history[-w:]) + list(out[-w:]))[-w:])   # the window is all RAS reads
             ras_p.append(prm)
-    # One indexed write per kind for the whole batch: per-row writes cost a kernel launch each.
+    # One indexed write per kind for the whole batch (per-row writes cost a kernel launch each), and
+    # only non-blocking uploads: this runs inside vLLM's sampling step, which overlaps the GPU.
     dev = logits.device
     if mask_rows:
-        ix = torch.tensor([mask_rows, mask_cols], dtype=torch.long).to(dev, non_blocking=True)
+        ix = upload([mask_rows, mask_cols], torch.long, dev)
         logits[ix[0], ix[1]] = neg
     if fill_rows:
-        f = torch.tensor(fill_rows, dtype=torch.long).to(dev, non_blocking=True)
+        f = upload(fill_rows, torch.long, dev)
         logits[f] = neg
         logits[f, uid.FILL] = 0.0
     if ras_idx:
-        idx = torch.tensor(ras_idx, device=dev)
+        idx = upload(ras_idx, torch.long, dev)
         rep = repeated_mask(ras_hist, [p.win_size for p in ras_p], [p.tau_r for p in ras_p],
                             logits.shape[-1], dev)
-        top_p = torch.tensor([p.top_p for p in ras_p], dtype=torch.float64, device=dev)
-        top_k = torch.tensor([p.top_k for p in ras_p], dtype=torch.long, device=dev)
+        top_p = upload([p.top_p for p in ras_p], torch.float64, dev)
+        top_k = upload([p.top_k for p in ras_p], torch.long, dev)
         logits[idx] = ras_log_probs(logits[idx], rep, top_p, top_k).to(logits.dtype)
     return logits
