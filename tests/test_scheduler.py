@@ -483,6 +483,21 @@ def test_bucket_padding_of_the_flow_estimator_is_exact(one_thread):
     assert small.eager_calls == 10 and small.padded_calls == 0         # outside every bucket: eager
 
 
+def test_graph_buckets_share_one_set_of_static_buffers():
+    """Every captured bucket's inputs and output are views of the same flat buffers (one call runs at
+    a time), sized by the largest bucket within max_elements."""
+    from engine.streaming.cuda_graphs import GraphedEstimator
+    est = GraphedEstimator(torch.nn.Identity(), rows=[2, 4, 8], frames=[128, 256], max_elements=1024)
+    a = est._static_views(8, 128, 80, 80, torch.bfloat16, torch.device("cpu"))
+    b = est._static_views(4, 256, 80, 80, torch.bfloat16, torch.device("cpu"))
+    assert a["x"].shape == (8, 80, 128) and b["x"].shape == (4, 80, 256) and b["out"].shape == (4, 80, 256)
+    assert a["t"].dtype == torch.float32 and a["streaming"].dtype == torch.bool and a["cond"].dtype == torch.bfloat16
+    for k in a:
+        assert a[k].data_ptr() == b[k].data_ptr() and a[k].is_contiguous()
+    flat = est._static[(torch.bfloat16, torch.device("cpu"))]
+    assert flat["x"].numel() == 1024 * 80 and flat["t"].numel() == 8     # 8 x 256 is not a graph bucket
+
+
 def test_a_failing_call_fails_its_streams_and_the_worker_goes_on():
     class Flaky(FakeRunner):
         def run(self, items):

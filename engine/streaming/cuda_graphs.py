@@ -94,20 +94,16 @@ class GraphedEstimator(nn.Module):
         """Contiguous [rb, ·, fb] views of the flat buffers shared by every graph (and the output)."""
         flat = self._static.get((dtype, device))
         if flat is None:
-            n, r = self.max_elements, max(self.rows)
+            sizes: dict[str, int] = {}
+            for r in self.rows:
+                for f in self.frames:
+                    if r * f <= self.max_elements:
+                        for k, shape in _shapes(r, f, channels, spk_dim).items():
+                            sizes[k] = max(sizes.get(k, 0), math.prod(shape))
             flat = self._static[(dtype, device)] = {
-                "x": torch.zeros(n * channels, dtype=dtype, device=device),
-                "mask": torch.zeros(n, dtype=dtype, device=device),
-                "mu": torch.zeros(n * channels, dtype=dtype, device=device),
-                "t": torch.zeros(r, dtype=torch.float32, device=device),
-                "spks": torch.zeros(r * spk_dim, dtype=dtype, device=device),
-                "cond": torch.zeros(n * channels, dtype=dtype, device=device),
-                "streaming": torch.zeros(r, dtype=torch.bool, device=device),
-                "out": torch.zeros(n * channels, dtype=dtype, device=device)}
-        shapes = {"x": (rb, channels, fb), "mask": (rb, 1, fb), "mu": (rb, channels, fb), "t": (rb,),
-                  "spks": (rb, spk_dim), "cond": (rb, channels, fb), "streaming": (rb,),
-                  "out": (rb, channels, fb)}
-        return {k: flat[k][:math.prod(shape)].view(shape) for k, shape in shapes.items()}
+                k: torch.zeros(n, dtype=_DTYPES.get(k, dtype), device=device) for k, n in sizes.items()}
+        return {k: flat[k][:math.prod(shape)].view(shape)
+                for k, shape in _shapes(rb, fb, channels, spk_dim).items()}
 
     @torch.inference_mode()
     def _capture(self, key, channels: int, spk_dim: int) -> _Graph | None:
@@ -155,11 +151,19 @@ class GraphedEstimator(nn.Module):
         return n
 
 
+_DTYPES = {"t": torch.float32, "streaming": torch.bool}   # the other inputs: the estimator's dtype
+
+
+def _shapes(rb: int, fb: int, channels: int, spk_dim: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of a bucket's estimator inputs, and of its output ("out")."""
+    return {"x": (rb, channels, fb), "mask": (rb, 1, fb), "mu": (rb, channels, fb), "t": (rb,),
+            "spks": (rb, spk_dim), "cond": (rb, channels, fb), "streaming": (rb,),
+            "out": (rb, channels, fb)}
+
+
 def _new_inputs(rb: int, fb: int, channels: int, spk_dim: int, dtype, device) -> dict[str, torch.Tensor]:
-    z = lambda *shape, dt=dtype: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
-    return {"x": z(rb, channels, fb), "mask": z(rb, 1, fb), "mu": z(rb, channels, fb),
-            "t": z(rb, dt=torch.float32), "spks": z(rb, spk_dim), "cond": z(rb, channels, fb),
-            "streaming": z(rb, dt=torch.bool)}
+    return {k: torch.zeros(shape, dtype=_DTYPES.get(k, dtype), device=device)
+            for k, shape in _shapes(rb, fb, channels, spk_dim).items() if k != "out"}
 
 
 def _fill(inp: dict[str, torch.Tensor], R: int, T: int, x, mask, mu, t, spks, cond, streaming) -> None:
