@@ -80,7 +80,7 @@ def profile(args, m) -> str:
         return lambda: module(x, mask, x, t, spks, x, stream)
 
     lines += ["## Estimator, one Euler step (rows = 2 per stream)", "",
-              "| rows | frames | graph ms | eager ms | frame-evals/s (graph) |", "|---|---|---|---|---|"]
+              f"| rows | frames | bucketed ms (CUDA graph up to {cfg.graph_max_elements} rows x frames) | eager ms | frame-evals/s (bucketed) |", "|---|---|---|---|---|"]
     for R in [int(r) for r in args.rows.split(",")]:
         for T in [int(f) for f in args.frames.split(",")]:
             g_ms = timed(estimator_call(est, R, T), args.iters, dev)

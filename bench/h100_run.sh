@@ -3,6 +3,7 @@
 #   bash bench/h100_run.sh torch   # full-size random checkpoint; engine_bench with the torch LLM,
 #                                  # batched c=1,16,64,128 + --no-batching baseline; ws_loadgen c=64
 #   bash bench/h100_run.sh vllm    # engine_bench with the vLLM LLM (needs the vLLM bundle on PYTHONPATH)
+#   bash bench/h100_run.sh profile # bench/flow_profile.py: estimator/encoder/HiFT alone (no vLLM needed)
 # Expects `pip install --no-deps -e .` done (vLLM plugin entry point). Results and logs go to $OUT;
 # a background nvidia-smi sampler records whole-card memory (vLLM's engine process included).
 set -u
@@ -36,6 +37,11 @@ case "$1" in
       > "$OUT/vllm.log" 2>&1; echo "engine_bench vllm rc=$?"
     kill $SMI
     tail -n 25 "$OUT/vllm.md" 2>/dev/null; grep -E "Error|Traceback" "$OUT/vllm.log" | head -5
+    ;;
+  profile)
+    python3 -m bench.flow_profile --model "$MODEL" --device cuda --dtype bfloat16 --out-md "$OUT/profile.md" \
+      > "$OUT/profile.log" 2>&1; echo "flow_profile rc=$?"
+    grep -B2 -A40 "^## Estimator" "$OUT/profile.md" | head -60
     ;;
 esac
 echo "peak card memory MiB: $(sort -n "$OUT"/smi_*.csv 2>/dev/null | tail -1)"
