@@ -300,8 +300,7 @@ class TTSStream:
                     if toks:
                         sch.add_tokens(self.stream_id, 0, toks)
                     if per_char and ended.is_set() and self._bistream_tokens >= math.ceil(chars[0] * per_char):
-                        await self.engine.backend.abort(req.request_id)
-                        break
+                        break       # leaving the aclosing block ends the LLM request
         finally:
             if not self._closed:
                 sch.end_utterance(self.stream_id, 0)

@@ -75,7 +75,8 @@ class Token2WavRunner(Protocol):
         ...
 
     # Optional: ``padded_cost(streams, frames) -> int``, the stream-frames a call of ``streams`` rows
-    # of at most ``frames`` frames really computes (CUDA-graph buckets); default streams × frames.
+    # of at most ``frames`` frames really computes (CUDA-graph buckets; default streams × frames),
+    # and ``last_phases: dict[str, float]``, seconds per phase of the last run (kept in StepRecord).
 
 
 @dataclass
