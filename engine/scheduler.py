@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from engine.streaming.policy import (Candidate, ChunkPlan, ChunkPolicy, PlaybackClock, deadline_key,
-                                     flow_cost_frames, pack, plan_chunk)
+                                     flow_cost_frames, pack, plan_chunk, row_padded_cost)
 
 log = logging.getLogger(__name__)
 SAMPLE_RATE = 24000
@@ -129,7 +129,7 @@ class SchedulerConfig:
 class StepRecord:
     """What one step did (kept for metrics and tests)."""
     batch: int
-    frames: int          # padded flow frames: rows x longest row
+    frames: int          # padded flow frames: rows x longest row, as padded to the runner's bucket
     new_frames: int      # mel frames emitted (the rest is prompt/prefix recomputation and padding)
     seconds: float
     stream_ids: list[str]
@@ -288,8 +288,9 @@ class Scheduler:
 
     def _step(self) -> bool:
         now = self.clock()
+        padded_cost = getattr(self.runner, "padded_cost", row_padded_cost)
         chosen = pack(self._candidates(now), self.config.frame_budget, self.config.max_batch,
-                      self.config.urgent_frame_budget, getattr(self.runner, "padded_cost", None))
+                      self.config.urgent_frame_budget, padded_cost)
         if not chosen:
             return False
         items, new_frames = [], 0
@@ -316,7 +317,7 @@ class Scheduler:
             self.live_streams = len(self._streams)
             return True
         self.step_count += 1
-        self.steps.append(StepRecord(len(items), len(items) * max(c.cost_frames for c in chosen),
+        self.steps.append(StepRecord(len(items), padded_cost(len(items), max(c.cost_frames for c in chosen)),
                                      new_frames, time.perf_counter() - t0, [c.stream_id for c in chosen],
                                      dict(getattr(self.runner, "last_phases", {}))))
         self._drain()  # a cancel that arrived during the call drops the stream before delivery

@@ -149,18 +149,22 @@ def flow_cost_frames(prompt_tokens: int, plan: ChunkPlan, lookahead: int = 3) ->
     return FRAMES_PER_TOKEN * (prompt_tokens + end)
 
 
+def row_padded_cost(rows: int, frames: int) -> int:
+    """Frames a batched flow call computes when every row is padded to the longest one."""
+    return rows * frames
+
+
 def pack(candidates: Sequence[Candidate], frame_budget: int, max_batch: int,
          urgent_frame_budget: int | None = None,
-         padded_cost: Callable[[int, int], int] | None = None) -> list[Candidate]:
+         padded_cost: Callable[[int, int], int] = row_padded_cost) -> list[Candidate]:
     """Candidates in deadline order, greedily, while the padded batch fits ``frame_budget``.
 
     A batched flow call pads every row to the longest one, so the cost of a batch is
-    ``rows × max(cost_frames)``, or ``padded_cost(rows, longest)`` where the flow pads further (CUDA
-    graph buckets: a stream that still fits the bucket costs nothing). The most urgent candidate is
+    ``padded_cost(rows, max(cost_frames))``: ``rows × longest``, or more where the flow pads further
+    (CUDA-graph buckets: a stream that still fits the bucket costs nothing). The most urgent candidate is
     always taken (even over budget) so that no stream starves; later ones that do not fit are skipped
     in favour of cheaper ones behind them. When the most urgent candidate is a stream's first chunk,
     ``urgent_frame_budget`` (if given) replaces the budget, keeping that step short."""
-    cost = padded_cost or (lambda rows, frames: rows * frames)
     chosen: list[Candidate] = []
     longest = 0
     ordered = sorted(candidates)
@@ -169,7 +173,7 @@ def pack(candidates: Sequence[Candidate], frame_budget: int, max_batch: int,
     for c in ordered:
         if len(chosen) >= max_batch:
             break
-        if chosen and cost(len(chosen) + 1, max(longest, c.cost_frames)) > frame_budget:
+        if chosen and padded_cost(len(chosen) + 1, max(longest, c.cost_frames)) > frame_budget:
             continue
         chosen.append(c)
         longest = max(longest, c.cost_frames)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.scheduler import CallItem
+from engine.streaming.policy import row_padded_cost
 from engine.token2wav import VocodeItem, vocode_batch
 
 
@@ -32,7 +33,7 @@ class BatchedToken2Wav:
         (the estimator's CUDA-graph bucket, 2 CFG rows per stream)."""
         est = getattr(getattr(self.flow, "decoder", None), "estimator", None)
         if not hasattr(est, "padded_shape"):
-            return streams * frames
+            return row_padded_cost(streams, frames)
         rows, padded_frames = est.padded_shape(2 * streams, frames)
         return rows * padded_frames // 2
 
