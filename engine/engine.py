@@ -46,18 +46,22 @@ class EngineConfig:
     vllm: dict = field(default_factory=dict)
     voices_dir: str | None = None
     first_chunk_tokens: int = 15
+    first_chunk_max_tokens: int = 30
     lookahead_tokens: int = 3
     min_chunk_tokens: int = 15
     max_chunk_tokens: int = 100
     slack_fraction: float = 0.5
     flow_frame_budget: int = 8192
     urgent_frame_budget: int | None = 2048
+    preempt_first_chunks: bool = True
     max_batch: int = 128
     max_streams: int = 512
     cuda_graphs: bool = True
     graph_rows: list[int] = field(default_factory=lambda: [2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 192, 256])
     graph_frames: list[int] = field(default_factory=lambda: [128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048])
     graph_max_elements: int = 32768
+    encoder_graph_rows: list[int] = field(default_factory=list)   # [] = no encoder graphs
+    encoder_graph_tokens: list[int] = field(default_factory=lambda: [64, 128, 192, 256])
     cuda_allocator: str | None = "expandable_segments:True"   # torch caching-allocator settings (CUDA)
     seed: int | None = None
     fixed_tokens_per_char: float | None = None
@@ -79,7 +83,8 @@ class EngineConfig:
     def policy(self, options: StreamOptions | None = None) -> ChunkPolicy:
         first = options.first_chunk_tokens if options else self.first_chunk_tokens
         top = min(options.max_chunk_tokens, self.max_chunk_tokens) if options else self.max_chunk_tokens
-        return ChunkPolicy(first_chunk_tokens=first, lookahead=self.lookahead_tokens,
+        return ChunkPolicy(first_chunk_tokens=first, first_chunk_max_tokens=min(self.first_chunk_max_tokens, top),
+                           lookahead=self.lookahead_tokens,
                            min_chunk_tokens=min(self.min_chunk_tokens, top), max_chunk_tokens=top,
                            slack_fraction=self.slack_fraction)
 
@@ -386,12 +391,17 @@ class TTSEngine:
         from engine.streaming.runner import BatchedToken2Wav
         runner = BatchedToken2Wav(m.flow, m.hift, m.device, lookahead=cfg.lookahead_tokens)
         if cfg.cuda_graphs and m.device.type == "cuda":
-            from engine.streaming.cuda_graphs import install_graphed_estimator
+            from engine.streaming.cuda_graphs import install_graphed_encoder, install_graphed_estimator
             est = install_graphed_estimator(m.flow, cfg.graph_rows, cfg.graph_frames, cfg.graph_max_elements)
             n = await asyncio.to_thread(est.capture_all, m.device, m.flow.decoder.estimator_dtype)
-            log.info("captured %d flow estimator CUDA graphs", n)
+            n_enc = 0
+            if cfg.encoder_graph_rows:
+                enc = install_graphed_encoder(m.flow, cfg.encoder_graph_rows, cfg.encoder_graph_tokens)
+                n_enc = await asyncio.to_thread(enc.capture_all, m.device, torch.float32, cfg.lookahead_tokens)
+            log.info("captured %d flow estimator and %d flow encoder CUDA graphs", n, n_enc)
         self.scheduler = Scheduler(runner, SchedulerConfig(cfg.flow_frame_budget, cfg.max_batch,
-                                                                cfg.urgent_frame_budget), m.device)
+                                                           cfg.urgent_frame_budget, cfg.preempt_first_chunks),
+                                   m.device)
         await asyncio.to_thread(runner.warmup)
         self.scheduler.start()
         self._ready = True

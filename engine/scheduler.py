@@ -7,6 +7,9 @@ end of tokens), (3) orders the candidates by deadline (first audio first, then l
 as many as fit the frame budget, (4) runs them as ONE batched flow call and ONE batched HiFT call
 (``Token2WavRunner``) and (5) hands each stream its samples through the stream's ``sink`` callback
 (called on the worker thread; the engine forwards it to the event loop with ``call_soon_threadsafe``).
+A call without first chunks can be preempted: between its Euler steps the worker runs the first
+chunks that became ready meanwhile as their own short call (``SchedulerConfig.preempt``), so a new
+stream waits for one Euler step instead of a whole step.
 
 All per-stream state (voice prompt tensors, tokens, offsets, HiFT cache, noise generator, playback
 clock) is owned by this thread; other threads only enqueue commands. A cancelled stream's state is
@@ -70,8 +73,11 @@ class CallItem:
 
 
 class Token2WavRunner(Protocol):
-    def run(self, items: list[CallItem]) -> list[tuple[np.ndarray, Any]]:
-        """Run the calls of ``items`` together; per item (float32 samples at 24 kHz, new HiFT cache)."""
+    def run(self, items: list[CallItem], between: Callable[[], None] | None = None
+            ) -> list[tuple[np.ndarray, Any]]:
+        """Run the calls of ``items`` together; per item (float32 samples at 24 kHz, new HiFT cache).
+        ``between`` (passed only when set) is called now and then during the call, e.g. between
+        Euler steps; it may call ``run`` again on the same thread."""
         ...
 
     # Optional: ``padded_cost(streams, frames) -> int``, the stream-frames a call of ``streams`` rows
@@ -122,6 +128,7 @@ class SchedulerConfig:
     frame_budget: int = 8192      # padded mel frames (rows x longest prompt+prefix+new) per flow call
     max_batch: int = 128          # streams per call; 1 = the --no-batching baseline
     urgent_frame_budget: int | None = 2048   # budget of a step led by a first chunk (short step)
+    preempt: bool = True          # first chunks may run between the Euler steps of a call in flight
     idle_poll_s: float = 0.005    # re-plan interval while streams wait for tokens
 
 
@@ -133,7 +140,10 @@ class StepRecord:
     new_frames: int      # mel frames emitted (the rest is prompt/prefix recomputation and padding)
     seconds: float
     stream_ids: list[str]
-    phases: dict[str, float] = field(default_factory=dict)   # runner's seconds per phase (flow, hift)
+    # runner's seconds per phase (flow, hift); "preempted": first-chunk calls run inside this one
+    # (their time is taken out of "flow" and of seconds)
+    phases: dict[str, float] = field(default_factory=dict)
+    started: float = 0.0  # scheduler clock when the call began
 
 
 class Scheduler:
@@ -154,6 +164,7 @@ class Scheduler:
         self.step_count = 0                                     # all steps so far
         self.live_streams = 0
         self.error: BaseException | None = None
+        self._padded_cost = getattr(runner, "padded_cost", row_padded_cost)
 
     # ---- commands (any thread) ----
     def start(self) -> None:
@@ -263,9 +274,11 @@ class Scheduler:
                 return u
         return None
 
-    def _candidates(self, now: float) -> list[Candidate]:
+    def _candidates(self, now: float, exclude: set[str] = frozenset()) -> list[Candidate]:
         out = []
         for sid, st in list(self._streams.items()):
+            if sid in exclude:
+                continue
             self._drop_empty_heads(st)
             if not st.utterances:
                 self._finish_if_done(st)
@@ -287,12 +300,31 @@ class Scheduler:
             st.utterances.popleft()   # a segment the LLM gave no tokens: nothing to voice
 
     def _step(self) -> bool:
-        now = self.clock()
-        padded_cost = getattr(self.runner, "padded_cost", row_padded_cost)
-        chosen = pack(self._candidates(now), self.config.frame_budget, self.config.max_batch,
-                      self.config.urgent_frame_budget, padded_cost)
+        chosen = self._pack(self._candidates(self.clock()))
         if not chosen:
             return False
+        # A step without first chunks lets the first chunks that become ready meanwhile run between
+        # its Euler steps, instead of waiting for the whole step.
+        self._run(chosen, preemptible=self.config.preempt and chosen[0].deadline_key[0] != 0)
+        return True
+
+    def _pack(self, candidates: list[Candidate]) -> list[Candidate]:
+        return pack(candidates, self.config.frame_budget, self.config.max_batch,
+                    self.config.urgent_frame_budget, self._padded_cost)
+
+    def _first_chunks_between(self, busy: set[str]) -> float:
+        """Run the first chunks that are ready now (streams not in the call in flight) as their own
+        call; returns the seconds it took."""
+        self._drain()
+        urgent = [c for c in self._candidates(self.clock(), exclude=busy) if c.deadline_key[0] == 0]
+        if not urgent:
+            return 0.0
+        t0 = time.perf_counter()
+        self._run(self._pack(urgent), preemptible=False)
+        return time.perf_counter() - t0
+
+    def _run(self, chosen: list[Candidate], preemptible: bool) -> None:
+        """One batched token2wav call for ``chosen``, then delivery of each stream's chunk."""
         items, new_frames = [], 0
         for c in chosen:
             st = self._streams[c.stream_id]
@@ -304,9 +336,15 @@ class Scheduler:
             items.append(CallItem(prompt=st.spec.prompt,
                                   tokens=torch.tensor(u.tokens[:c.plan.token_end], dtype=torch.long),
                                   plan=c.plan, cache=u.cache, generator=st.generator, speed=st.spec.speed))
-        t0 = time.perf_counter()
+        preempted = 0.0      # seconds of first-chunk calls run inside this one (own StepRecords)
+
+        def between() -> None:
+            nonlocal preempted
+            preempted += self._first_chunks_between({c.stream_id for c in chosen})
+
+        started, t0 = self.clock(), time.perf_counter()
         try:
-            results = self.runner.run(items)
+            results = self.runner.run(items, between) if preemptible else self.runner.run(items)
         except Exception as exc:  # e.g. out of memory: fail this batch's streams, keep serving others
             log.exception("token2wav call for %d streams failed", len(items))
             self.error = exc
@@ -315,11 +353,16 @@ class Scheduler:
                 if st is not None:
                     self._safe_sink(st, None)
             self.live_streams = len(self._streams)
-            return True
+            return
         self.step_count += 1
-        self.steps.append(StepRecord(len(items), padded_cost(len(items), max(c.cost_frames for c in chosen)),
-                                     new_frames, time.perf_counter() - t0, [c.stream_id for c in chosen],
-                                     dict(getattr(self.runner, "last_phases", {}))))
+        phases = dict(getattr(self.runner, "last_phases", {}))
+        if preempted:   # the preempting calls ran inside the flow phase
+            if "flow" in phases:
+                phases["flow"] = max(0.0, phases["flow"] - preempted)
+            phases["preempted"] = preempted
+        self.steps.append(StepRecord(len(items), self._padded_cost(len(items), max(c.cost_frames for c in chosen)),
+                                     new_frames, time.perf_counter() - t0 - preempted,
+                                     [c.stream_id for c in chosen], phases, started))
         self._drain()  # a cancel that arrived during the call drops the stream before delivery
         done = self.clock()
         for c, (samples, cache) in zip(chosen, results):
@@ -343,7 +386,6 @@ class Scheduler:
             if final:
                 del self._streams[c.stream_id]
         self.live_streams = len(self._streams)
-        return True
 
     def _finish_if_done(self, st: _Stream) -> None:
         """An ended stream with nothing left to voice gets an empty final chunk."""

@@ -22,3 +22,13 @@ torch.set_num_threads(1)
 def tiny_model_dir(tmp_path_factory) -> Path:
     from engine.tools.make_checkpoint import make_checkpoint
     return make_checkpoint(tmp_path_factory.mktemp("tiny-model"), size="tiny", seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (2 threads on a shared 2-core machine are 10-50x slower under
+    load), restoring the previous count afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from engine.api import AudioChunk, EngineError, InlinePrompt, SegmentEvent, StreamOptions
 from engine.engine import EngineConfig, TTSEngine
@@ -27,14 +26,6 @@ def prompt_wav(seconds: float = 2.0, sr: int = 24000, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, (0.5 * x / np.abs(x).max()).astype(np.float32), sr, format="WAV", subtype="FLOAT")
     return buf.getvalue()
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(coro):
@@ -257,7 +248,7 @@ def test_engine_bench_cpu_smoke(tiny_model_dir, tmp_path, one_thread):
     """bench/engine_bench.py end to end on CPU (bounded run; no performance assertion)."""
     import json
 
-    from bench.engine_bench import bench, markdown, parse_args
+    from bench.engine_bench import TIMELINE, bench, markdown, parse_args
     args = parse_args(["--model", str(tiny_model_dir), "--device", "cpu", "--concurrency", "2", "--no-batching",
                        "--baseline-concurrency", "1", "--text-chars", "30", "--max-run-s", "8", "--no-warmup",
                        "--ramp-s", "0.2"])
@@ -271,7 +262,9 @@ def test_engine_bench_cpu_smoke(tiny_model_dir, tmp_path, one_thread):
         assert r["mean_flow_s"] + r["mean_hift_s"] <= r["mean_step_s"]
     assert runs[1]["mean_batch"] == 1.0
     table = markdown(meta, runs)
-    assert table.count("\n| ") == 1 + len(runs)      # header + one row per run
+    assert table.count("\n| ") == 2 * (1 + len(runs))      # two tables: header + one row per run
+    for r in runs:   # every stage of the first audio was seen (the stages are timed on one clock)
+        assert all(r[f"first_chunk_{k}_p50_s"] is not None for k in TIMELINE)
     json.dumps({"meta": meta, "runs": runs})
 
 

@@ -56,6 +56,11 @@ def test_policy_hop_grows_with_slack_and_is_bounded():
 def test_policy_hop_takes_every_available_token_once_audio_flows():
     pol = ChunkPolicy(first_chunk_tokens=15, min_chunk_tokens=20, max_chunk_tokens=100, lookahead=3)
     assert pol.hop(0, None, available=80) == 15               # a stream's first chunk stays small
+    grows = ChunkPolicy(first_chunk_tokens=15, first_chunk_max_tokens=30, lookahead=3)
+    assert grows.hop(0, None, available=18) == 15             # planned as soon as 15 + 3 exist
+    assert grows.hop(0, None, available=27) == 24             # it waited: what arrived meanwhile too
+    assert grows.hop(0, None, available=80) == 30             # up to first_chunk_max_tokens
+    assert grows.hop(0, None, available=25, llm_done=True) == 25   # all of a short utterance: one call
     assert pol.hop(1, -1.0, available=63) == 60               # behind: all but the lookahead
     assert pol.hop(1, -1.0, available=10) == 20               # too few: wait for the minimum
     assert pol.hop(1, 0.5, available=500) == 100              # capped
@@ -116,11 +121,13 @@ class FakeRunner:
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
 
-    def run(self, items: list[CallItem]):
+    def run(self, items: list[CallItem], between=None):
         self.entered.set()
         if self.gate is not None:
             self.gate.wait(5)
         self.calls.append([(it.plan, int(it.tokens.shape[0])) for it in items])
+        for _ in range(3 if between else 0):     # as between Euler steps
+            between()
         out = []
         for it in items:
             first = it.cache is None
@@ -276,6 +283,48 @@ def test_first_chunks_preempt_streams_with_slack():
     assert runner.calls[-1][0][1] == 18                # b's first chunk went before a's second
 
 
+class ArrivalDuringCall(FakeRunner):
+    """On the call after ``arrive`` is set, runs ``arrive()`` (new tokens posted) before its Euler steps."""
+
+    arrive = None
+
+    def run(self, items, between=None):
+        if self.arrive is not None:
+            self.arrive, arrive = None, self.arrive
+            arrive()
+        return super().run(items, between)
+
+
+@pytest.mark.parametrize("preempt", [True, False])
+def test_a_first_chunk_ready_during_a_long_call_runs_between_its_euler_steps(preempt):
+    delivered = []
+
+    def arrive():
+        sch.open(StreamSpec("b", _prompt(), delivered.append, ChunkPolicy(fixed_hops=[15])))
+        sch.begin_utterance("b", 0)
+        sch.add_tokens("b", 0, list(range(18)))
+
+    runner = ArrivalDuringCall()
+    sch = Scheduler(runner, SchedulerConfig(preempt=preempt), clock=lambda: 0.0)
+    sch.open(StreamSpec("a", _prompt(), delivered.append, ChunkPolicy(fixed_hops=[15, 50])))
+    sch.begin_utterance("a", 0)
+    sch.add_tokens("a", 0, list(range(100)))
+    sch.step_once()                                      # a's first chunk (it leads: no preemption)
+    runner.arrive = arrive
+    sch.step_once()                                      # a's second chunk; b's tokens arrive during it
+    if preempt:
+        # b's first chunk ran inside a's call, has its own record, and was delivered first
+        assert [[n for _, n in call] for call in runner.calls] == [[18], [68], [18]]
+        assert [r.stream_ids for r in sch.steps] == [["a"], ["b"], ["a"]]
+        assert [c.stream_id for c in delivered] == ["a", "b", "a"]
+        assert sch.steps[2].phases["preempted"] > 0
+    else:
+        assert [c.stream_id for c in delivered] == ["a", "a"]
+        sch.step_once()
+        assert [[n for _, n in call] for call in runner.calls] == [[18], [68], [18]]
+        assert [c.stream_id for c in delivered] == ["a", "a", "b"]
+
+
 # ---------------------------------------------------------------- real flow + HiFT (golden tiny-s1 weights)
 # Tolerances. The flow mel of a chunk matches the golden/stand-alone mel within 1e-4 (README §11:
 # observed ~2e-6). HiFT turns mel into f0 and integrates f0 into the sine phase, and the tiny golden
@@ -289,15 +338,6 @@ import functools
 from pathlib import Path
 
 GOLDEN = Path(__file__).resolve().parent.parent.parent / "shared" / "golden" / "tiny-s1"
-
-
-@pytest.fixture(autouse=False)
-def one_thread():
-    # 2 intra-op threads on a shared 2-core machine are 10-50x slower than 1 under load.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @functools.lru_cache(maxsize=1)
@@ -317,8 +357,8 @@ class RecordingFlow:
     def __init__(self, flow):
         self.flow, self.rows = flow, []
 
-    def inference_batch(self, tokens, prompt_tokens, prompt_feats, embeddings, streaming, finalize):
-        mels = self.flow.inference_batch(tokens, prompt_tokens, prompt_feats, embeddings, streaming, finalize)
+    def inference_batch(self, tokens, prompt_tokens, prompt_feats, embeddings, streaming, finalize, **kw):
+        mels = self.flow.inference_batch(tokens, prompt_tokens, prompt_feats, embeddings, streaming, finalize, **kw)
         for i, mel in enumerate(mels):
             self.rows.append(dict(n=int(tokens[i].numel()), streaming=streaming[i], finalize=finalize[i], mel=mel))
         return mels
@@ -500,10 +540,10 @@ def test_graph_buckets_share_one_set_of_static_buffers():
 
 def test_a_failing_call_fails_its_streams_and_the_worker_goes_on():
     class Flaky(FakeRunner):
-        def run(self, items):
+        def run(self, items, between=None):
             if any(int(it.tokens.shape[0]) == 33 for it in items):
                 raise RuntimeError("out of memory")
-            return super().run(items)
+            return super().run(items, between)
 
     sch = Scheduler(Flaky(), SchedulerConfig(max_batch=1), clock=lambda: 0.0)
     bad, good = Collector(), Collector()

@@ -6,6 +6,8 @@ of a growing prefix reproduce earlier frames.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -60,13 +62,14 @@ class CausalConditionalCFM(nn.Module):
     @torch.inference_mode()
     def forward(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
                 streaming: bool | torch.Tensor = False, n_timesteps: int = 10,
-                temperature: float = 1.0) -> torch.Tensor:
+                temperature: float = 1.0, on_step: Callable[[], None] | None = None) -> torch.Tensor:
         """Solve the flow ODE for a padded batch.
 
         mu, cond [B, 80, T] float32; mask [B, 1, T] (1 = valid frame); spks [B, 80]; streaming: bool or
         bool [B]. Each Euler step is ONE estimator call over 2B rows (B conditional rows, then the same
         B rows with mu/spks/cond zeroed), guided as (1+r)·v_cond − r·v_uncond with r = 0.7.
         The estimator runs in its own parameter dtype (e.g. bfloat16); the ODE state stays float32.
+        ``on_step`` is called after each Euler step but the last (once its work is queued).
         Returns mel [B, 80, T] float32 (padded frames hold unmodified noise).
         """
         B, _, T = mu.shape
@@ -91,4 +94,6 @@ class CausalConditionalCFM(nn.Module):
             t = t + dt
             if step < n_timesteps:
                 dt = t_span[step + 1] - t
+                if on_step is not None:
+                    on_step()
         return x.float()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
     @torch.inference_mode()
     def inference_batch(self, tokens: list[torch.Tensor], prompt_tokens: list[torch.Tensor],
                         prompt_feats: list[torch.Tensor], embeddings: torch.Tensor,
-                        streaming: list[bool], finalize: list[bool], n_timesteps: int = 10) -> list[torch.Tensor]:
+                        streaming: list[bool], finalize: list[bool], n_timesteps: int = 10,
+                        on_step: Callable[[], None] | None = None) -> list[torch.Tensor]:
         """Mel for B independent streams in one encoder pass and one CFM solve.
 
         tokens[i] int [N_i] and prompt_tokens[i] int [P_i] speech-token ids (25 Hz); prompt_feats[i]
@@ -80,9 +82,11 @@ class CausalMaskedDiffWithXvec(nn.Module):
         masks; finalize[i] False holds back the row's own last 3 tokens as lookahead context.
         Returns per row float32 [80, M_i] on the model's device: the frames after the prompt,
         M_i = 2·N_i if finalize else 2·(N_i − 3). Equal (up to float rounding) to separate calls.
+        ``on_step`` is called between the Euler steps of the CFM solve (see ``CausalConditionalCFM``).
         """
         inp = self.encode_batch(tokens, prompt_tokens, prompt_feats, embeddings, streaming, finalize)
-        feat = self.decoder(inp.mu, inp.mask, inp.spks, inp.cond, inp.streaming, n_timesteps=n_timesteps)
+        feat = self.decoder(inp.mu, inp.mask, inp.spks, inp.cond, inp.streaming, n_timesteps=n_timesteps,
+                            on_step=on_step)
         return [feat[i, :, inp.prompt_frames[i]:inp.frames[i]] for i in range(len(tokens))]
 
     @torch.inference_mode()

@@ -21,6 +21,7 @@ import bisect
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -115,18 +116,9 @@ class GraphedEstimator(nn.Module):
             inp["mask"].fill_(1)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):                 # warm-up: allocator and kernel selection
-                    self.inner(**inp)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the LLM backend may use the GPU from its own thread meanwhile. The result
-            # is copied into the shared output buffer, so the graph keeps nothing alive in the pool
-            # and later captures reuse its memory.
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out_buf.copy_(self.inner(**inp))
+            # The result is copied into the shared output buffer, so the graph keeps nothing alive in
+            # the pool and later captures reuse its memory.
+            graph = capture_graph(lambda: out_buf.copy_(self.inner(**inp)), self._pool, device)
             g = self._graphs[key] = _Graph(graph, inp, out_buf)
             log.debug("captured flow estimator graph rows=%d frames=%d", rb, fb)
             return g
@@ -140,6 +132,7 @@ class GraphedEstimator(nn.Module):
         """Capture every bucket within ``max_elements`` now (largest first, so the pool is sized once)."""
         if not self.use_graphs:
             return 0
+        device = _with_index(device)
         shapes = sorted(((rb, fb) for rb in self.rows for fb in self.frames if rb * fb <= self.max_elements),
                         key=lambda s: s[0] * s[1], reverse=True)
         n = 0
@@ -149,6 +142,31 @@ class GraphedEstimator(nn.Module):
                     return n
                 n += 1
         return n
+
+
+def _with_index(device: torch.device | str) -> torch.device:
+    """``cuda`` -> ``cuda:N`` (the current device), as tensors report it: graphs are keyed by the
+    device of the call's tensors, and ``torch.device("cuda") != torch.device("cuda:0")``."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def capture_graph(fn: Callable[[], object], pool, device: torch.device) -> "torch.cuda.CUDAGraph":
+    """Run ``fn`` twice on a side stream (allocator and kernel selection), then capture one call of it
+    into a new CUDA graph that allocates from ``pool``. ``fn`` must read and write static buffers only."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the LLM backend may use the GPU from its own thread meanwhile.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        fn()
+    return graph
 
 
 _DTYPES = {"t": torch.float32, "streaming": torch.bool}   # the other inputs: the estimator's dtype
@@ -181,6 +199,104 @@ def _fill(inp: dict[str, torch.Tensor], R: int, T: int, x, mask, mu, t, spks, co
         inp["streaming"][:R].fill_(streaming)
     else:
         inp["streaming"][:R].copy_(streaming)
+
+
+class GraphedEncoder(nn.Module):
+    """Drop-in for the flow's ``UpsampleConformerEncoder`` (same ``forward``) that replays a CUDA graph
+    for small calls. One stream's encoder pass is ~400 small kernels (H100: 14 ms eager, launch-bound,
+    a quarter of a first chunk's flow call); larger batches are GPU-bound and stay eager.
+
+    A call of B rows of at most T tokens, with lookahead context, is padded to the smallest
+    (rows, tokens) bucket: padded frames and rows are masked like a shorter row of a batch (padded rows
+    get length 1 and no context), so only float rounding of differently shaped kernels can differ.
+    ``use_graphs=False`` runs the same padding eagerly (CPU tests). Each bucket has its own buffers.
+    """
+
+    def __init__(self, encoder: nn.Module, rows: list[int], tokens: list[int], use_graphs: bool = True):
+        super().__init__()
+        self.inner = encoder
+        self.rows, self.tokens = sorted(rows), sorted(tokens)
+        self.use_graphs = use_graphs
+        self._graphs: dict[tuple, _Graph] = {}
+        self._pool = None
+        self.replays = 0
+
+    def forward(self, xs: torch.Tensor, xs_lens: torch.Tensor, context: torch.Tensor | None = None,
+                has_context: torch.Tensor | None = None,
+                streaming: bool | torch.Tensor = False) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, D = xs.shape
+        rb, tb = _bucket(self.rows, B), _bucket(self.tokens, T)
+        if rb is None or tb is None or context is None or context.size(1) == 0:
+            return self.inner(xs, xs_lens, context, has_context, streaming)
+        key = (rb, tb, xs.dtype, xs.device)
+        g = None
+        if self.use_graphs and xs.is_cuda:
+            g = self._graphs.get(key) or self._capture(key, D, context.size(1))
+        inp = g.inputs if g is not None else self._new_inputs(key, D, context.size(1))
+        inp["xs"].zero_()
+        inp["xs"][:B, :T].copy_(xs)
+        inp["xs_lens"].fill_(1)
+        inp["xs_lens"][:B].copy_(xs_lens)
+        inp["context"].zero_()
+        inp["context"][:B].copy_(context)
+        for name, value in (("has_context", True if has_context is None else has_context),
+                            ("streaming", streaming)):
+            inp[name].fill_(False)
+            if isinstance(value, bool):
+                inp[name][:B].fill_(value)
+            else:
+                inp[name][:B].copy_(value)
+        if g is None:
+            h = self.inner(**inp)[0]
+        else:
+            g.graph.replay()
+            self.replays += 1
+            h = g.out
+        up = self.inner.up_stride
+        return h[:B, :up * T].clone(), xs_lens * up
+
+    def _new_inputs(self, key, dim: int, lookahead: int) -> dict[str, torch.Tensor]:
+        rb, tb, dtype, device = key
+        return {"xs": torch.zeros(rb, tb, dim, dtype=dtype, device=device),
+                "xs_lens": torch.ones(rb, dtype=torch.long, device=device),
+                "context": torch.zeros(rb, lookahead, dim, dtype=dtype, device=device),
+                "has_context": torch.zeros(rb, dtype=torch.bool, device=device),
+                "streaming": torch.zeros(rb, dtype=torch.bool, device=device)}
+
+    @torch.inference_mode()
+    def _capture(self, key, dim: int, lookahead: int) -> _Graph | None:
+        rb, tb, dtype, device = key
+        inp = self._new_inputs(key, dim, lookahead)
+        out = torch.zeros(rb, self.inner.up_stride * tb, self.inner.output_size(), dtype=dtype, device=device)
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = capture_graph(lambda: out.copy_(self.inner(**inp)[0]), self._pool, device)
+        except Exception as exc:
+            log.warning("CUDA graph capture of the flow encoder failed for rows=%d tokens=%d (%r); "
+                        "running it eagerly", rb, tb, exc)
+            self.use_graphs = False
+            return None
+        g = self._graphs[key] = _Graph(graph, inp, out)
+        return g
+
+    def capture_all(self, device: torch.device, dtype: torch.dtype = torch.float32, lookahead: int = 3) -> int:
+        """Capture every bucket now (engine start); returns how many were captured."""
+        dim, device = self.inner.embed.out[0].in_features, _with_index(device)
+        n = 0
+        for rb in self.rows:
+            for tb in self.tokens:
+                if self.use_graphs and (rb, tb, dtype, device) not in self._graphs:
+                    n += self._capture((rb, tb, dtype, device), dim, lookahead) is not None
+        return n
+
+
+def install_graphed_encoder(flow: nn.Module, rows: list[int], tokens: list[int],
+                            use_graphs: bool = True) -> GraphedEncoder:
+    """Replace ``flow.encoder`` by a ``GraphedEncoder`` around it (after loading weights)."""
+    if not isinstance(flow.encoder, GraphedEncoder):
+        flow.encoder = GraphedEncoder(flow.encoder, rows, tokens, use_graphs)
+    return flow.encoder
 
 
 def install_graphed_estimator(flow: nn.Module, rows: list[int], frames: list[int], max_elements: int,

@@ -18,12 +18,14 @@ FRAMES_PER_TOKEN = 2
 class ChunkPolicy:
     """How many tokens each chunk voices.
 
-    first chunk of an utterance: ``first_chunk_tokens`` (+ ``lookahead`` context tokens held back);
-    later chunks: ``min_chunk_tokens`` while the client's buffer is short, growing with the playback
+    first chunk of an utterance: ``first_chunk_tokens`` (+ ``lookahead`` context tokens held back); a
+    stream's very first chunk that had to wait for the worker voices the tokens that arrived meanwhile,
+    up to ``first_chunk_max_tokens`` (None: exactly ``first_chunk_tokens``); later chunks: ``min_chunk_tokens`` while the client's buffer is short, growing with the playback
     slack (``slack_fraction`` of the buffered audio, in tokens) up to ``max_chunk_tokens``.
     ``fixed_hops`` (tests, golden schedules): the hop of chunk k is ``fixed_hops[min(k, len-1)]``.
     """
     first_chunk_tokens: int = 15
+    first_chunk_max_tokens: int | None = None
     lookahead: int = 3
     min_chunk_tokens: int = 15
     max_chunk_tokens: int = 100
@@ -37,19 +39,22 @@ class ChunkPolicy:
         ``available``: tokens of the utterance not voiced yet. Every chunk re-runs the flow over the
         prompt and the whole prefix, so a chunk's cost hardly depends on how many new tokens it
         voices: a due chunk takes every available token (up to ``max_chunk_tokens``), which saves
-        later prefix recomputations, above all when a stream has fallen behind. Only a stream's very
-        first chunk (no audio yet: ``slack_s`` None) keeps ``first_chunk_tokens`` for latency. When the
-        LLM is done and the rest fits one chunk, the hop covers it all, so the final call voices it."""
+        later prefix recomputations, above all when a stream has fallen behind. A stream's very first
+        chunk (no audio yet: ``slack_s`` None) is planned as soon as ``first_chunk_tokens`` exist; if
+        more arrived while it waited, it voices them too, up to ``first_chunk_max_tokens``: the same
+        call then buys the client more audio before the next chunk is due. When the LLM is done and
+        the rest fits one chunk, the hop covers it all, so the final call voices it."""
         if self.fixed_hops:
             return self.fixed_hops[min(chunk_index, len(self.fixed_hops) - 1)]
+        take = None if available is None else (available if llm_done else available - self.lookahead)
         if slack_s is None:
-            return self.first_chunk_tokens
+            top = max(self.first_chunk_tokens, self.first_chunk_max_tokens or 0)
+            return self.first_chunk_tokens if take is None else max(self.first_chunk_tokens, min(top, take))
         base = self.first_chunk_tokens if chunk_index == 0 else self.min_chunk_tokens
         want = base
         if slack_s > 0:
             want = max(base, min(self.max_chunk_tokens, int(slack_s * TOKENS_PER_SECOND * self.slack_fraction)))
-        if available is not None:
-            take = available if llm_done else available - self.lookahead
+        if take is not None:
             want = max(want, min(self.max_chunk_tokens, take))
         return want
 

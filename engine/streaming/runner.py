@@ -8,6 +8,8 @@ tokens), keep the mel after ``2·token_offset``, vocode with the stream's HiFT c
 from __future__ import annotations
 
 import time
+from collections import deque
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,8 +40,13 @@ class BatchedToken2Wav:
         return rows * padded_frames // 2
 
     @torch.inference_mode()
-    def run(self, items: list[CallItem]) -> list[tuple[np.ndarray, object]]:
-        """float32 24 kHz samples and the new HiFT cache (None after a final call) per item."""
+    def run(self, items: list[CallItem], between: Callable[[], None] | None = None
+            ) -> list[tuple[np.ndarray, object]]:
+        """float32 24 kHz samples and the new HiFT cache (None after a final call) per item.
+
+        ``between`` is called between the flow's Euler steps, when the GPU has finished all but the
+        last queued step: it may run another (short) ``run`` on this thread, whose work then goes
+        ahead of the rest of this call."""
         if not items:
             return []
         timer = PhaseTimer(self.device)
@@ -49,7 +56,8 @@ class BatchedToken2Wav:
             prompt_feats=[it.prompt.feat for it in items],
             embeddings=torch.stack([it.prompt.embedding.reshape(-1) for it in items]).to(self.device),
             streaming=[not it.plan.final for it in items],
-            finalize=[it.plan.final for it in items])
+            finalize=[it.plan.final for it in items],
+            on_step=None if between is None else _after_gpu_catches_up(between, self.device))
         vitems = []
         for it, mel in zip(items, mels):
             new = mel[:, self.ratio * it.plan.token_offset:]
@@ -74,6 +82,24 @@ class BatchedToken2Wav:
         g = torch.Generator(device=dev)
         g.manual_seed(0)
         vocode_batch(self.hift, [VocodeItem(torch.zeros(80, 20, device=dev), None, False, g)])
+
+
+def _after_gpu_catches_up(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``fn`` wrapped to run once the GPU has finished everything queued before the previous call,
+    so the host stays one Euler step ahead instead of queueing the whole solve at once (a call made
+    by ``fn`` then waits behind one step, not behind the solve)."""
+    if device.type != "cuda":
+        return fn
+    queued: deque = deque()
+
+    def wrapped() -> None:
+        ev = torch.cuda.Event()
+        ev.record()
+        queued.append(ev)
+        if len(queued) > 1:
+            queued.popleft().synchronize()
+        fn()
+    return wrapped
 
 
 class PhaseTimer:

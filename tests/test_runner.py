@@ -1,0 +1,71 @@
+"""``BatchedToken2Wav`` on random tiny weights (no golden data): on CPU, and on CUDA where there is one."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.scheduler import CallItem, FlowPrompt
+from engine.streaming.policy import ChunkPlan
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_a_call_run_between_the_euler_steps_of_another_changes_neither(device, tiny_model_dir, one_thread):
+    """What preemption does: stream b's whole call runs inside stream a's flow solve. On CUDA both
+    replay CUDA graphs that share one set of static buffers."""
+    from engine.models import load_models
+    from engine.streaming.cuda_graphs import GraphedEstimator
+    from engine.streaming.runner import BatchedToken2Wav
+    m = load_models(tiny_model_dir, device, "float32", load_llm=False)
+    m.flow.decoder.estimator = GraphedEstimator(m.flow.decoder.estimator, rows=[2, 4], frames=[128, 256],
+                                                max_elements=10**6, use_graphs=device == "cuda")
+    runner = BatchedToken2Wav(m.flow, m.hift, device)
+    est = m.flow.decoder.estimator
+    upfront = est.capture_all(torch.device(device), torch.float32)   # as the engine does at start
+    rng = torch.Generator().manual_seed(0)
+    prompt = FlowPrompt(torch.randint(0, 6561, (20,), generator=rng), torch.randn(40, 80, generator=rng),
+                        torch.randn(192, generator=rng))
+    tokens = torch.randint(0, 6561, (40,), generator=rng)
+
+    def items(n, final, seed):
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        return [CallItem(prompt, tokens[:n], ChunkPlan(n, 0, final), None, g)]
+
+    alone_a, alone_b = runner.run(items(40, False, 1))[0][0], runner.run(items(21, True, 2))[0][0]
+    inner = []
+    outer = runner.run(items(40, False, 1), between=lambda: inner or inner.append(runner.run(items(21, True, 2))))
+    assert len(inner) == 1 and len(alone_a) > 0 and len(alone_b) > 0
+    assert upfront == (4 if device == "cuda" else 0) and len(est._graphs) == upfront   # no capture on the way
+    for got, want in ((outer[0][0], alone_a), (inner[0][0][0], alone_b)):
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-6
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_graphed_encoder_pads_to_its_bucket_exactly(device, tiny_model_dir, one_thread):
+    """The flow encoder padded to a (rows, tokens) bucket (and, on CUDA, replayed from a graph) gives
+    each row's frames as the plain encoder does, for mixed lengths, streaming flags and context."""
+    from engine.models import load_models
+    from engine.streaming.cuda_graphs import GraphedEncoder
+    enc = load_models(tiny_model_dir, device, "float32", load_llm=False).flow.encoder
+    g = torch.Generator().manual_seed(1)
+    D = enc.embed.out[0].in_features
+    xs, ctx = torch.randn(3, 37, D, generator=g).to(device), torch.randn(3, 3, D, generator=g).to(device)
+    lens = torch.tensor([37, 20, 29], device=device)
+    has_ctx = torch.tensor([True, False, True], device=device)
+    streaming = torch.tensor([True, True, False], device=device)
+    want, want_lens = enc(xs, lens, ctx, has_ctx, streaming)
+    graphed = GraphedEncoder(enc, rows=[2, 4], tokens=[32, 64], use_graphs=device == "cuda")
+    for _ in range(2):                                      # capture (CUDA), then replay
+        got, got_lens = graphed(xs, lens, ctx, has_ctx, streaming)
+        assert got.shape == want.shape and torch.equal(got_lens, want_lens)
+        for i, n in enumerate(lens.tolist()):
+            assert (got[i, :2 * n] - want[i, :2 * n]).abs().max().item() <= 1e-4
+    assert graphed.replays == (2 if device == "cuda" else 0)
+    if device == "cuda":   # graphs captured up front under the plain "cuda" device are the ones calls replay
+        upfront = GraphedEncoder(enc, rows=[2, 4], tokens=[32, 64])
+        assert upfront.capture_all(torch.device("cuda")) == 4
+        upfront(xs, lens, ctx, has_ctx, streaming)
+        assert len(upfront._graphs) == 4 and upfront.replays == 1
+    assert graphed(xs[:, :5], lens.clamp(max=5), ctx, has_ctx, streaming)[0].shape[1] == 10   # 5 tokens: 32 bucket
+    assert graphed(xs.repeat(2, 1, 1), lens.repeat(2), ctx.repeat(2, 1, 1))[0].shape[0] == 6   # 6 rows: eager
