@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime as dt
 import json
 import platform
@@ -37,6 +38,7 @@ import random
 import sys
 import tempfile
 import time
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -98,10 +100,13 @@ class StreamResult:
     segment_first_audio: dict = field(default_factory=dict)
     slacks: list = field(default_factory=list)
     underruns: int = 0
+    underrun_chunks: list = field(default_factory=list)     # index of each late chunk in the stream
+    chunks: int = 0
     audio_s: float = 0.0
     end: float | None = None
     finished: bool = False
     error: str | None = None
+    stream_id: str = ""
 
 
 async def run_stream(engine, opts: StreamOptions, text: str, chars_per_s: float, start_delay: float,
@@ -109,6 +114,7 @@ async def run_stream(engine, opts: StreamOptions, text: str, chars_per_s: float,
     await asyncio.sleep(start_delay)
     stream = await engine.open_stream(opts)
     res.first_text = time.monotonic()
+    res.stream_id = stream.stream_id
 
     async def feed():
         t = res.first_text
@@ -139,6 +145,8 @@ async def run_stream(engine, opts: StreamOptions, text: str, chars_per_s: float,
                 released = res.segment_release.get(ev.segment_index, now)
                 if slack < 0 and released <= play_end:
                     res.underruns += 1
+                    res.underrun_chunks.append(res.chunks)
+            res.chunks += 1
             dur = len(ev.samples) / SAMPLE_RATE
             play_end = (now if play_end is None else max(play_end, now)) + dur
             res.audio_s += dur
@@ -154,11 +162,55 @@ async def run_stream(engine, opts: StreamOptions, text: str, chars_per_s: float,
         feeder.cancel()
 
 
+TIMELINE = ("release_to_submit", "submit_to_tokens", "tokens_to_step", "step", "step_to_audio")
+
+
+class LLMTimes:
+    """Wraps the engine's LLM backend ``generate`` to time each request: when it was submitted and
+    when its first ``first_chunk`` tokens had arrived (what the first flow call waits for)."""
+
+    def __init__(self, backend, first_chunk: int):
+        self.submitted: dict[str, float] = {}
+        self.tokens_ready: dict[str, float] = {}
+        self._generate, self.first_chunk = backend.generate, first_chunk
+        backend.generate = self.generate
+
+    async def generate(self, req):
+        self.submitted[req.request_id] = time.monotonic()
+        n = 0
+        async with aclosing(self._generate(req)) as tokens:
+            async for toks in tokens:
+                n += len(toks)
+                if n >= self.first_chunk:
+                    self.tokens_ready.setdefault(req.request_id, time.monotonic())
+                yield toks
+
+
+def first_chunk_timeline(results, steps, llm_times: LLMTimes) -> dict:
+    """Median seconds between the stages of each stream's first audio (first segment): release ->
+    LLM request submitted -> first-chunk tokens in -> flow/HiFT step starts -> step ends -> audio seen."""
+    first_step = {}
+    for s in steps:
+        for sid in s.stream_ids:
+            first_step.setdefault(sid, s)
+    spans = {k: [] for k in TIMELINE}
+    for r in results:
+        rid, st = f"{r.stream_id}-0", first_step.get(r.stream_id)
+        if st is None or rid not in llm_times.tokens_ready or 0 not in r.segment_first_audio:
+            continue
+        marks = [r.segment_release[0], llm_times.submitted[rid], llm_times.tokens_ready[rid], st.started,
+                 st.started + st.seconds, r.segment_first_audio[0]]
+        for name, a, b in zip(spans, marks, marks[1:]):
+            spans[name].append(b - a)
+    return {f"first_chunk_{k}_p50_s": pct(v, 50) for k, v in spans.items()}
+
+
 def pct(values, q):
     return None if not values else float(np.percentile(np.asarray(values, dtype=float), q))
 
 
-async def run_once(engine, concurrency: int, batching: bool, args, voice_id: str) -> dict:
+async def run_once(engine, concurrency: int, batching: bool, args, voice_id: str,
+                   llm_times: LLMTimes) -> dict:
     engine.scheduler.config.max_batch = engine.config.max_batch if batching else 1
     rng = random.Random(args.seed * 1000 + concurrency)
     texts = [chatbot_text(args.text_chars, rng) for _ in range(concurrency)]
@@ -205,6 +257,9 @@ async def run_once(engine, concurrency: int, batching: bool, args, voice_id: str
         "slack_p5_s": pct(slacks, 5), "slack_p50_s": pct(slacks, 50), "slack_min_s": min(slacks) if slacks else None,
         "underruns": sum(r.underruns for r in results),
         "streams_with_underruns": sum(r.underruns > 0 for r in results),
+        # which audio chunk of its stream each late chunk was (0 = the first; 1 = the one after it ...)
+        "underruns_by_chunk_index": dict(sorted(collections.Counter(
+            min(k, 5) for r in results for k in r.underrun_chunks).items())),
         "rtf_p50": pct(rtf, 50), "rtf_p95": pct(rtf, 95),
         "audio_s": round(audio, 3), "audio_s_per_wall_s": round(audio / wall, 3) if wall else None,
         "flow_calls": len(steps), "mean_batch": float(np.mean([s.batch for s in steps])) if steps else None,
@@ -215,6 +270,7 @@ async def run_once(engine, concurrency: int, batching: bool, args, voice_id: str
         # flow work per emitted mel frame: prompt + prefix recomputation and padding included
         "flow_frames_per_new_frame": (sum(s.frames for s in steps) / max(1, sum(s.new_frames for s in steps))
                                       if steps else None),
+        **first_chunk_timeline(results, steps, llm_times),
     }
     if args.cuda:
         import torch
@@ -253,6 +309,13 @@ def markdown(meta: dict, runs: list[dict]) -> str:
             f"| {fmt(r['mean_step_s'], 1e3)} / {fmt(r['mean_flow_s'], 1e3)} / {fmt(r['mean_hift_s'], 1e3)} "
             f"| {r['finished']}/{r['concurrency']} "
             f"| {r.get('peak_gpu_memory_gib', '-')}/{r.get('peak_gpu_reserved_gib', '-')} |")
+    lines += ["", "First audio of each stream's first segment, p50 ms per stage: release -> LLM request "
+              "submitted -> first-chunk tokens in -> flow/HiFT step starts -> step ends -> audio seen.", "",
+              "| c | batching | " + " | ".join(s.replace("_", " ") for s in TIMELINE) + " |",
+              "|---|---|" + "---|" * len(TIMELINE)]
+    for r in runs:
+        lines.append(f"| {r['concurrency']} | {'yes' if r['batching'] else 'no'} | "
+                     + " | ".join(fmt(r.get(f"first_chunk_{k}_p50_s"), 1e3) for k in TIMELINE) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -269,12 +332,17 @@ async def bench(args) -> tuple[dict, list[dict]]:
         overrides["urgent_frame_budget"] = args.urgent_budget or None
     if args.no_cuda_graphs:
         overrides["cuda_graphs"] = False
+    for item in args.set:        # KEY=YAML, e.g. max_chunk_tokens=200 or 'vllm={logits_processor: false}'
+        import yaml
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
     cfg = EngineConfig.load(args.config or DEFAULT_CONFIG, **overrides)
     engine = TTSEngine(cfg)
     t0 = time.monotonic()
     await engine.start()
     load_s = time.monotonic() - t0
     args.cuda = engine.models.device.type == "cuda"
+    llm_times = LLMTimes(engine.backend, cfg.first_chunk_tokens + cfg.lookahead_tokens)
     await engine.register_voice("bench", "This is the prompt of the benchmark voice.",
                                 synthetic_prompt_wav(args.prompt_s), overwrite=True)
     device_name = platform.processor() or "cpu"
@@ -290,15 +358,16 @@ async def bench(args) -> tuple[dict, list[dict]]:
     try:
         if args.warmup:
             await run_once(engine, min(4, max(args.concurrency)), True, argparse.Namespace(
-                **{**vars(args), "text_chars": 30, "max_run_s": min(30.0, args.max_run_s)}), "bench")
+                **{**vars(args), "text_chars": 30, "max_run_s": min(30.0, args.max_run_s)}), "bench", llm_times)
         plan = [(c, True) for c in args.concurrency]
         if args.no_batching:
             plan += [(c, False) for c in args.baseline_concurrency]
         for c, batching in plan:
-            r = await run_once(engine, c, batching, args, "bench")
+            r = await run_once(engine, c, batching, args, "bench", llm_times)
             runs.append(r)
             print(f"c={c} batching={batching}: " + json.dumps({k: r[k] for k in (
-                "ttfa_from_release_first_segment_p95_s", "underruns", "audio_s_per_wall_s", "finished")}),
+                "ttfa_from_release_first_segment_p95_s", "underruns", "audio_s_per_wall_s", "finished",
+                "mean_step_s", "mean_flow_s", "mean_hift_s") + tuple(f"first_chunk_{k}_p50_s" for k in TIMELINE)}),
                 flush=True)
     finally:
         await engine.close()
@@ -328,6 +397,8 @@ def parse_args(argv=None):
     ap.add_argument("--frame-budget", type=int, default=None, help="padded flow frames per call")
     ap.add_argument("--urgent-budget", type=int, default=None, help="budget of first-chunk steps (0: off)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
+                    help="any engine config key (configs/engine.yaml), e.g. --set max_chunk_tokens=200")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")

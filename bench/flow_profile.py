@@ -57,7 +57,7 @@ def profile(args, m) -> str:
     """The Markdown report (see the module docstring)."""
     from engine.engine import EngineConfig
     from engine.scheduler import CallItem, FlowPrompt
-    from engine.streaming.cuda_graphs import install_graphed_estimator
+    from engine.streaming.cuda_graphs import install_graphed_encoder, install_graphed_estimator
     from engine.streaming.policy import ChunkPlan
     from engine.streaming.runner import BatchedToken2Wav
     from engine.token2wav import VocodeItem, vocode_batch
@@ -94,13 +94,20 @@ def profile(args, m) -> str:
                 [torch.randn(2 * prompt_tokens, 80) for _ in range(B)],
                 torch.randn(B, 192, device=dev), [True] * B, [False] * B)
 
+    enc_eager = flow.encoder
+    enc_rows = cfg.encoder_graph_rows or [1, 2, 4, 8]      # the engine's default is off (opt-in)
+    enc_graphed = install_graphed_encoder(flow, enc_rows, cfg.encoder_graph_tokens, use_graphs)
     lines += ["", "## Flow encoder and whole flow call (prompt 75 tokens)", "",
-              "| streams | tokens | encode ms | flow call ms |", "|---|---|---|---|"]
-    for B, n in [(1, 18), (1, 100), (16, 100), (64, 100), (64, 300)]:
+              f"| streams | tokens | encode ms, eager | encode ms (CUDA graph up to {max(enc_rows)} "
+              f"x {max(cfg.encoder_graph_tokens)} tokens) | flow call ms |", "|---|---|---|---|---|"]
+    for B, n in [(1, 18), (1, 100), (4, 100), (16, 100), (64, 100), (64, 300)]:
         inp = flow_inputs(B, 75, n)
+        flow.encoder = enc_eager
         enc = timed(lambda: flow.encode_batch(*inp), args.iters, dev)
+        flow.encoder = enc_graphed
+        enc_g = timed(lambda: flow.encode_batch(*inp), args.iters, dev)
         call = timed(lambda: flow.inference_batch(*inp), max(2, args.iters // 3), dev)
-        lines.append(f"| {B} | {n} | {enc:.2f} | {call:.2f} |")
+        lines.append(f"| {B} | {n} | {enc:.2f} | {enc_g:.2f} | {call:.2f} |")
         print(lines[-1], flush=True)
 
     lines += ["", "## HiFT, one batched vocode call (+8 cached frames per row)", "",

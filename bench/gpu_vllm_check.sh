@@ -19,6 +19,6 @@ case "$1" in
     ;;
   bench)
     mk full "$COSY_GPU_FULL_DIR"
-    python3 bench/vllm_llm_bench.py --model-dir "$COSY_GPU_FULL_DIR" --modes "${MODES:-on,off}" --out "$OUT/vllm_bench.jsonl" 2>&1 | tee "$OUT/bench.log" | grep -vE "^(INFO|DEBUG|WARNING)" | tail -40
+    python3 bench/vllm_llm_bench.py --model-dir "$COSY_GPU_FULL_DIR" --modes "${MODES:-on,off}" --conc "${LLM_CONC:-1,16,64,128}" --out "$OUT/vllm_bench.jsonl" 2>&1 | tee "$OUT/bench.log" | grep -vE "^(INFO|DEBUG|WARNING)" | tail -40
     ;;
 esac

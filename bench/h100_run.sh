@@ -2,8 +2,11 @@
 # The H100 performance record (bench/RESULTS.md), one stage per device call (each < 10 min).
 #   bash bench/h100_run.sh torch   # full-size random checkpoint; engine_bench with the torch LLM,
 #                                  # batched c=1,16,64,128 + --no-batching baseline; ws_loadgen c=64
-#   bash bench/h100_run.sh vllm    # engine_bench with the vLLM LLM (needs the vLLM bundle on PYTHONPATH)
+#   bash bench/h100_run.sh vllm    # engine_bench with the vLLM LLM (needs the vLLM bundle on PYTHONPATH);
+#                                  # NO_BATCHING=64 adds the one-stream-per-call baseline at c=64
 #   bash bench/h100_run.sh profile # bench/flow_profile.py: estimator/encoder/HiFT alone (no vLLM needed)
+#   SWEEP="label:--set key=yaml ...|label2:..." bash bench/h100_run.sh sweep
+#                                  # one vLLM engine_bench per variant (engine config overrides), c=$CONC
 # Expects `pip install --no-deps -e .` done (vLLM plugin entry point). Results and logs go to $OUT;
 # a background nvidia-smi sampler records whole-card memory (vLLM's engine process included).
 set -u
@@ -33,10 +36,21 @@ case "$1" in
   vllm)
     smi vllm
     timeout ${T_BENCH:-540} python3 bench/engine_bench.py $COMMON --llm vllm --config configs/bench-h100-vllm.yaml \
-      --concurrency ${CONC:-1,16,64,128} --out-json "$OUT/vllm.json" --out-md "$OUT/vllm.md" \
+      --concurrency ${CONC:-1,16,64,128} ${NO_BATCHING:+--no-batching --baseline-concurrency $NO_BATCHING} \
+      --out-json "$OUT/vllm.json" --out-md "$OUT/vllm.md" \
       > "$OUT/vllm.log" 2>&1; echo "engine_bench vllm rc=$?"
     kill $SMI
     tail -n 25 "$OUT/vllm.md" 2>/dev/null; grep -E "Error|Traceback" "$OUT/vllm.log" | head -5
+    ;;
+  sweep)
+    IFS='|' read -ra VARIANTS <<< "$SWEEP"
+    for v in "${VARIANTS[@]}"; do
+      label=${v%%:*}
+      eval "timeout ${T_VARIANT:-200} python3 bench/engine_bench.py $COMMON --llm vllm --config configs/bench-h100-vllm.yaml \
+        --concurrency ${CONC:-64} ${v#*:} --out-json $OUT/sweep-$label.json --out-md $OUT/sweep-$label.md" \
+        > "$OUT/sweep-$label.log" 2>&1; echo "$label rc=$?"
+      grep -A4 "^| c |" "$OUT/sweep-$label.md" | grep -E "^\| [0-9]" | sed "s/^/$label /"
+    done
     ;;
   profile)
     python3 -m bench.flow_profile --model "$MODEL" --device cuda --dtype bfloat16 --out-md "$OUT/profile.md" \
