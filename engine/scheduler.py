@@ -274,11 +274,10 @@ class Scheduler:
                 return u
         return None
 
-    def _candidates(self, now: float, exclude: set[str] = frozenset()) -> list[Candidate]:
+    def _candidates(self, now: float, streams: list[tuple[str, _Stream]] | None = None) -> list[Candidate]:
+        """The streams (default: all) whose head utterance can make a call now, with their plans."""
         out = []
-        for sid, st in list(self._streams.items()):
-            if sid in exclude:
-                continue
+        for sid, st in (list(self._streams.items()) if streams is None else streams):
             self._drop_empty_heads(st)
             if not st.utterances:
                 self._finish_if_done(st)
@@ -316,7 +315,8 @@ class Scheduler:
         """Run the first chunks that are ready now (streams not in the call in flight) as their own
         call; returns the seconds it took."""
         self._drain()
-        urgent = [c for c in self._candidates(self.clock(), exclude=busy) if c.deadline_key[0] == 0]
+        silent = [(sid, st) for sid, st in self._streams.items() if st.clock.play_end is None and sid not in busy]
+        urgent = self._candidates(self.clock(), silent) if silent else []
         if not urgent:
             return 0.0
         t0 = time.perf_counter()
