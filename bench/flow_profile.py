@@ -57,7 +57,7 @@ def profile(args, m) -> str:
     """The Markdown report (see the module docstring)."""
     from engine.engine import EngineConfig
     from engine.scheduler import CallItem, FlowPrompt
-    from engine.streaming.cuda_graphs import install_graphed_encoder, install_graphed_estimator
+    from engine.streaming.cuda_graphs import GraphedHiFT, install_graphed_encoder, install_graphed_estimator
     from engine.streaming.policy import ChunkPlan
     from engine.streaming.runner import BatchedToken2Wav
     from engine.token2wav import VocodeItem, vocode_batch
@@ -110,23 +110,30 @@ def profile(args, m) -> str:
         lines.append(f"| {B} | {n} | {enc:.2f} | {enc_g:.2f} | {call:.2f} |")
         print(lines[-1], flush=True)
 
-    lines += ["", "## HiFT, one batched vocode call (+8 cached frames per row)", "",
-              "| streams | new frames | ms | audio s per call |", "|---|---|---|---|"]
+    hift_rows = cfg.hift_graph_rows or [1, 2, 4, 8]      # the engine's default is off (opt-in)
+    hift_graphed = GraphedHiFT(hift, hift_rows, cfg.hift_graph_frames, use_graphs)
+    lines += ["", "## HiFT, one batched vocode call (first chunks: no cache)", "",
+              f"| streams | new frames | ms, eager | ms (CUDA graph up to {max(hift_rows)} x "
+              f"{max(cfg.hift_graph_frames)} frames) | audio s per call |", "|---|---|---|---|---|"]
     gen = torch.Generator(device=dev).manual_seed(0)
-    for B, frames in [(1, 30), (1, 100), (16, 100), (64, 100), (64, 200)]:
-        def vocode():
+    for B, frames in [(1, 30), (1, 100), (4, 100), (16, 100), (64, 100), (64, 200)]:
+        def vocode(module):
             items = [VocodeItem(torch.randn(80, frames, device=dev), None, False, gen) for _ in range(B)]
-            vocode_batch(hift, items)
-        ms = timed(vocode, args.iters, dev)
-        lines.append(f"| {B} | {frames} | {ms:.2f} | {B * frames / 50:.1f} |")
+            return lambda: vocode_batch(module, items)
+        ms, ms_g = timed(vocode(hift), args.iters, dev), timed(vocode(hift_graphed), args.iters, dev)
+        lines.append(f"| {B} | {frames} | {ms:.2f} | {ms_g:.2f} | {B * frames / 50:.1f} |")
         print(lines[-1], flush=True)
 
     # One whole first-chunk step of one stream, phase by phase, then the profiler's view.
-    runner = BatchedToken2Wav(flow, hift, dev)
     prompt = FlowPrompt(torch.randint(0, 6561, (75,)), torch.randn(150, 80), torch.randn(192))
     item = lambda: CallItem(prompt, torch.randint(0, 6561, (18,)), ChunkPlan(18, 0, False), None, gen)  # noqa: E731
+    flow.encoder = enc_graphed
+    graphed_ms = timed(lambda: BatchedToken2Wav(flow, hift_graphed, dev).run([item()]), args.iters, dev)
+    flow.encoder = enc_eager
+    runner = BatchedToken2Wav(flow, hift, dev)
     step_ms = timed(lambda: runner.run([item()]), args.iters, dev)
-    lines += ["", f"## One stream's first chunk (75 prompt + 18 tokens): {step_ms:.1f} ms per step", ""]
+    lines += ["", f"## One stream's first chunk (75 prompt + 18 tokens): {step_ms:.1f} ms per step "
+              f"({graphed_ms:.1f} ms with encoder and HiFT graphs too)", ""]
     if dev.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -62,6 +62,8 @@ class EngineConfig:
     graph_max_elements: int = 32768
     encoder_graph_rows: list[int] = field(default_factory=list)   # [] = no encoder graphs
     encoder_graph_tokens: list[int] = field(default_factory=lambda: [64, 128, 192, 256])
+    hift_graph_rows: list[int] = field(default_factory=list)      # [] = no HiFT graphs
+    hift_graph_frames: list[int] = field(default_factory=lambda: [64, 128, 256])
     cuda_allocator: str | None = "expandable_segments:True"   # torch caching-allocator settings (CUDA)
     seed: int | None = None
     fixed_tokens_per_char: float | None = None
@@ -389,22 +391,34 @@ class TTSEngine:
         elif cfg.llm_backend != "vllm":
             await self.backend.start()
         from engine.streaming.runner import BatchedToken2Wav
-        runner = BatchedToken2Wav(m.flow, m.hift, m.device, lookahead=cfg.lookahead_tokens)
+        hift = m.hift
         if cfg.cuda_graphs and m.device.type == "cuda":
-            from engine.streaming.cuda_graphs import install_graphed_encoder, install_graphed_estimator
-            est = install_graphed_estimator(m.flow, cfg.graph_rows, cfg.graph_frames, cfg.graph_max_elements)
-            n = await asyncio.to_thread(est.capture_all, m.device, m.flow.decoder.estimator_dtype)
-            n_enc = 0
-            if cfg.encoder_graph_rows:
-                enc = install_graphed_encoder(m.flow, cfg.encoder_graph_rows, cfg.encoder_graph_tokens)
-                n_enc = await asyncio.to_thread(enc.capture_all, m.device, torch.float32, cfg.lookahead_tokens)
-            log.info("captured %d flow estimator and %d flow encoder CUDA graphs", n, n_enc)
+            hift = await asyncio.to_thread(self._install_cuda_graphs)
+        runner = BatchedToken2Wav(m.flow, hift, m.device, lookahead=cfg.lookahead_tokens)
         self.scheduler = Scheduler(runner, SchedulerConfig(cfg.flow_frame_budget, cfg.max_batch,
                                                            cfg.urgent_frame_budget, cfg.preempt_first_chunks),
                                    m.device)
         await asyncio.to_thread(runner.warmup)
         self.scheduler.start()
         self._ready = True
+
+    def _install_cuda_graphs(self):
+        """Wrap the flow estimator (and, if configured, the flow encoder and HiFT) in their CUDA-graph
+        versions and capture every bucket now; returns the HiFT module the runner should call."""
+        from engine.streaming.cuda_graphs import GraphedHiFT, install_graphed_encoder, install_graphed_estimator
+        from engine.token2wav import SOURCE_CACHE_LEN
+        cfg, m = self.config, self.models
+        est = install_graphed_estimator(m.flow, cfg.graph_rows, cfg.graph_frames, cfg.graph_max_elements)
+        counts = {"estimator": est.capture_all(m.device, m.flow.decoder.estimator_dtype)}
+        if cfg.encoder_graph_rows:
+            enc = install_graphed_encoder(m.flow, cfg.encoder_graph_rows, cfg.encoder_graph_tokens)
+            counts["encoder"] = enc.capture_all(m.device, torch.float32, cfg.lookahead_tokens)
+        hift = m.hift
+        if cfg.hift_graph_rows:
+            hift = GraphedHiFT(m.hift, cfg.hift_graph_rows, cfg.hift_graph_frames)
+            counts["hift"] = hift.capture_all(m.device, SOURCE_CACHE_LEN)
+        log.info("captured CUDA graphs: %s", counts)
+        return hift
 
     def _build_frontend(self) -> None:
         import tempfile

@@ -69,3 +69,40 @@ def test_graphed_encoder_pads_to_its_bucket_exactly(device, tiny_model_dir, one_
         assert len(upfront._graphs) == 4 and upfront.replays == 1
     assert graphed(xs[:, :5], lens.clamp(max=5), ctx, has_ctx, streaming)[0].shape[1] == 10   # 5 tokens: 32 bucket
     assert graphed(xs.repeat(2, 1, 1), lens.repeat(2), ctx.repeat(2, 1, 1))[0].shape[0] == 6   # 6 rows: eager
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_graphed_hift_pads_to_its_bucket_exactly(device, tiny_model_dir, one_thread):
+    """vocode_batch through GraphedHiFT (padded to a (rows, frames) bucket; on CUDA replayed from a
+    graph) gives every stream the samples and cache of the plain HiFT, first and later chunks mixed."""
+    from engine.models import load_models
+    from engine.streaming.cuda_graphs import GraphedHiFT
+    from engine.token2wav import VocodeItem, vocode_batch
+    hift = load_models(tiny_model_dir, device, "float32", load_llm=False).hift
+    with torch.no_grad():   # a flat 120 Hz f0, as tests/test_hift_batch.py: the random f0 head's huge
+        hift.f0_predictor.classifier.weight.zero_()           # f0 would amplify float rounding
+        hift.f0_predictor.classifier.bias.fill_(120.0)
+    graphed = GraphedHiFT(hift, rows=[2, 4], frames=[32, 64], use_graphs=device == "cuda")
+    g = torch.Generator().manual_seed(2)
+    mels = [(torch.randn(80, n, generator=g) * 2 - 4).to(device) for n in (20, 37, 12)]
+
+    def chunks(module, seed):
+        gens = [torch.Generator(device=device).manual_seed(seed + i) for i in range(3)]
+        first = [VocodeItem(m, None, False, gen) for m, gen in zip(mels, gens)]
+        out1 = vocode_batch(module, first)
+        later = [VocodeItem(m[:, :9], it.cache, i == 2, gen) for i, (m, it, gen) in enumerate(zip(mels, first, gens))]
+        return out1 + vocode_batch(module, later), [it.cache for it in later]
+
+    want, want_caches = chunks(hift, 10)
+    for _ in range(2):                                      # capture (CUDA), then replay
+        got, caches = chunks(graphed, 10)
+        for a, b in zip(got, want):   # the batch tolerance of tests/test_hift_batch.py (float rounding)
+            assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4
+        for a, b in zip(caches, want_caches):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert (a.source - b.source).abs().max().item() <= 1e-4 and np.abs(a.speech - b.speech).max() <= 1e-4
+    assert graphed.replays == (4 if device == "cuda" else 0)
+    if device == "cuda":
+        upfront = GraphedHiFT(hift, rows=[2, 4], frames=[32, 64])
+        assert upfront.capture_all(torch.device("cuda"), 3840) == 8

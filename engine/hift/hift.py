@@ -22,7 +22,7 @@ from torch import nn
 from engine.checkpoint import CheckpointError, load_strict
 from engine.config import HiFTConfig
 from engine.hift.f0 import ConvRNNF0Predictor, masked
-from engine.hift.source import SourceModuleHnNSF, draw_source_noise
+from engine.hift.source import SourceModuleHnNSF, SourceNoise, draw_source_noise
 from engine.hift.stft import hann_window, istft, stft
 from engine.hift.weight_norm import WNConv1d, WNConvTranspose1d, WeightNormConv
 from engine.tensors import upload
@@ -124,22 +124,30 @@ class HiFTGenerator(nn.Module):
         the default generator of ``mel.device``), each row drawing as a separate B=1 call would.
         """
         B, _, T = mel.shape
-        lens = _row_lengths(mel_lens, B, T)
+        lens = row_lengths(mel_lens, B, T)
         spf = self.samples_per_frame
         draws = draw_source_noise(B, T * spf, self.m_source.dim, mel.device, generators,
                                   None if lens is None else [n * spf for n in lens])
         lens_t = None if lens is None else lens_tensor(lens, mel.device)
-        f0 = self.f0_predictor(mel, _length_mask(lens_t, 1, 0, T, mel))
-        source = self.m_source(f0, draws, lens_t)
-        if cache_source is not None:
-            if len(cache_source) != B:
-                raise ValueError(f"got {len(cache_source)} cache_source entries for {B} rows")
-            for i, c in enumerate(cache_source):
-                if c is not None and c.numel() > 0:
-                    source[i, 0, :c.numel()] = c.reshape(-1).to(source.dtype)
-        speech = self.decode(mel, source, lens_t)
-        if lens_t is not None:
-            keep = _length_mask(lens_t, spf, 0, T * spf, mel)[:, 0]
+        return self.render(mel, lens_t, draws, *source_cache(cache_source, B, mel.device))
+
+    def render(self, mel: torch.Tensor, lens: torch.Tensor | None, draws: SourceNoise,
+               cache: torch.Tensor | None = None, cache_lens: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The deterministic part of ``inference``, free of host syncs (it can be captured in a CUDA
+        graph): mel [B, 80, T], ``lens`` int64 [B] real frames per row (None = all T), the drawn
+        source noise, and ``cache`` [B, n] whose first ``cache_lens[i]`` samples overwrite the start of
+        row i's source. Returns (speech [B, 480·T], source [B, 1, 480·T]), zero past each row's end."""
+        T, spf = mel.shape[2], self.samples_per_frame
+        f0 = self.f0_predictor(mel, _length_mask(lens, 1, 0, T, mel))
+        source = self.m_source(f0, draws, lens)
+        if cache is not None:
+            n = cache.shape[1]
+            cached = torch.arange(n, device=mel.device)[None, :] < cache_lens[:, None]
+            source[:, 0, :n] = torch.where(cached, cache.to(source.dtype), source[:, 0, :n])
+        speech = self.decode(mel, source, lens)
+        if lens is not None:
+            keep = _length_mask(lens, spf, 0, T * spf, mel)[:, 0]
             speech = speech * keep
             source = source * keep[:, None]
         return speech, source
@@ -186,7 +194,7 @@ class HiFTGenerator(nn.Module):
         return torch.clamp(speech, -self.cfg.audio_limit, self.cfg.audio_limit)
 
 
-def _row_lengths(mel_lens, batch: int, T: int) -> list[int] | None:
+def row_lengths(mel_lens, batch: int, T: int) -> list[int] | None:
     """Validated per-row frame counts, or None when every row is full length (no masking needed)."""
     if mel_lens is None:
         return None
@@ -194,6 +202,25 @@ def _row_lengths(mel_lens, batch: int, T: int) -> list[int] | None:
     if len(lens) != batch or any(n < 1 or n > T for n in lens):
         raise ValueError(f"mel_lens {lens} do not fit a batch of {batch} rows of {T} frames")
     return None if all(n == T for n in lens) else lens
+
+
+def source_cache(cache_source: Sequence[torch.Tensor | None] | None, batch: int,
+                 device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``inference``'s per-row cached source samples as (cache [B, n] float32, cache_lens int64 [B])
+    for ``render``; (None, None) when no row has any."""
+    if cache_source is None:
+        return None, None
+    if len(cache_source) != batch:
+        raise ValueError(f"got {len(cache_source)} cache_source entries for {batch} rows")
+    rows = [None if c is None else c.reshape(-1) for c in cache_source]
+    n = max((r.numel() for r in rows if r is not None), default=0)
+    if n == 0:
+        return None, None
+    cache = torch.zeros(batch, n, device=device)
+    for i, r in enumerate(rows):
+        if r is not None and r.numel():
+            cache[i, :r.numel()] = r.to(device, torch.float32)
+    return cache, lens_tensor([0 if r is None else r.numel() for r in rows], device)
 
 
 def lens_tensor(lens: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:

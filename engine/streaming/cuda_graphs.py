@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class _Graph:
     graph: "torch.cuda.CUDAGraph"
     inputs: dict[str, torch.Tensor]
-    out: torch.Tensor
+    out: torch.Tensor | tuple[torch.Tensor, ...]     # static output buffer(s)
 
 
 def _bucket(sizes: list[int], n: int) -> int | None:
@@ -201,7 +201,36 @@ def _fill(inp: dict[str, torch.Tensor], R: int, T: int, x, mask, mu, t, spks, co
         inp["streaming"][:R].copy_(streaming)
 
 
-class GraphedEncoder(nn.Module):
+class _SmallCallGraphs(nn.Module):
+    """What the graph wrappers of small encoder and HiFT calls share: the wrapped module, the
+    (rows, size) buckets, one graph pool per wrapper and the capture with its eager fallback."""
+
+    def __init__(self, inner: nn.Module, rows: list[int], sizes: list[int], use_graphs: bool):
+        super().__init__()
+        self.inner = inner
+        self.rows, self.sizes = sorted(rows), sorted(sizes)
+        self.use_graphs = use_graphs
+        self._graphs: dict[tuple, _Graph] = {}
+        self._pool = None
+        self.replays = 0
+
+    def _record(self, key: tuple, inputs: dict[str, torch.Tensor], out, fn: Callable[[], object]) -> _Graph | None:
+        """Capture ``fn`` (reads ``inputs``, writes ``out``) as the graph of bucket ``key`` (device last);
+        on failure log, run this wrapper eagerly from now on and return None."""
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = capture_graph(fn, self._pool, key[-1])
+        except Exception as exc:
+            log.warning("CUDA graph capture of %s failed for bucket %s (%r); running it eagerly",
+                        type(self.inner).__name__, key[:2], exc)
+            self.use_graphs = False
+            return None
+        g = self._graphs[key] = _Graph(graph, inputs, out)
+        return g
+
+
+class GraphedEncoder(_SmallCallGraphs):
     """Drop-in for the flow's ``UpsampleConformerEncoder`` (same ``forward``) that replays a CUDA graph
     for small calls. One stream's encoder pass is ~400 small kernels (H100: 14 ms eager, launch-bound,
     a quarter of a first chunk's flow call); larger batches are GPU-bound and stay eager.
@@ -213,19 +242,14 @@ class GraphedEncoder(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, rows: list[int], tokens: list[int], use_graphs: bool = True):
-        super().__init__()
-        self.inner = encoder
-        self.rows, self.tokens = sorted(rows), sorted(tokens)
-        self.use_graphs = use_graphs
-        self._graphs: dict[tuple, _Graph] = {}
-        self._pool = None
-        self.replays = 0
+        super().__init__(encoder, rows, tokens, use_graphs)
 
+    @torch.inference_mode()
     def forward(self, xs: torch.Tensor, xs_lens: torch.Tensor, context: torch.Tensor | None = None,
                 has_context: torch.Tensor | None = None,
                 streaming: bool | torch.Tensor = False) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, D = xs.shape
-        rb, tb = _bucket(self.rows, B), _bucket(self.tokens, T)
+        rb, tb = _bucket(self.rows, B), _bucket(self.sizes, T)
         if rb is None or tb is None or context is None or context.size(1) == 0:
             return self.inner(xs, xs_lens, context, has_context, streaming)
         key = (rb, tb, xs.dtype, xs.device)
@@ -268,24 +292,14 @@ class GraphedEncoder(nn.Module):
         rb, tb, dtype, device = key
         inp = self._new_inputs(key, dim, lookahead)
         out = torch.zeros(rb, self.inner.up_stride * tb, self.inner.output_size(), dtype=dtype, device=device)
-        try:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = capture_graph(lambda: out.copy_(self.inner(**inp)[0]), self._pool, device)
-        except Exception as exc:
-            log.warning("CUDA graph capture of the flow encoder failed for rows=%d tokens=%d (%r); "
-                        "running it eagerly", rb, tb, exc)
-            self.use_graphs = False
-            return None
-        g = self._graphs[key] = _Graph(graph, inp, out)
-        return g
+        return self._record(key, inp, out, lambda: out.copy_(self.inner(**inp)[0]))
 
     def capture_all(self, device: torch.device, dtype: torch.dtype = torch.float32, lookahead: int = 3) -> int:
         """Capture every bucket now (engine start); returns how many were captured."""
         dim, device = self.inner.embed.out[0].in_features, _with_index(device)
         n = 0
         for rb in self.rows:
-            for tb in self.tokens:
+            for tb in self.sizes:
                 if self.use_graphs and (rb, tb, dtype, device) not in self._graphs:
                     n += self._capture((rb, tb, dtype, device), dim, lookahead) is not None
         return n
@@ -297,6 +311,99 @@ def install_graphed_encoder(flow: nn.Module, rows: list[int], tokens: list[int],
     if not isinstance(flow.encoder, GraphedEncoder):
         flow.encoder = GraphedEncoder(flow.encoder, rows, tokens, use_graphs)
     return flow.encoder
+
+
+class GraphedHiFT(_SmallCallGraphs):
+    """Drop-in for ``HiFTGenerator`` in ``engine.token2wav.vocode_batch`` (``inference``,
+    ``samples_per_frame``) that replays a CUDA graph of the deterministic part (``render``) for small
+    calls. One stream's HiFT call is launch-bound eager (H100: ~17 ms for 30-100 frames).
+
+    The source noise is drawn eagerly with each row's generator, as before; a call of B rows of at
+    most T frames is then padded to the smallest (rows, frames) bucket: padded frames are masked like
+    a shorter row of a batch, padded rows get length 1, no noise and no cache. ``use_graphs=False``
+    runs the same padding eagerly (CPU tests). Each bucket has its own buffers.
+    """
+
+    def __init__(self, hift: nn.Module, rows: list[int], frames: list[int], use_graphs: bool = True):
+        super().__init__(hift, rows, frames, use_graphs)
+
+    @property
+    def samples_per_frame(self) -> int:
+        return self.inner.samples_per_frame
+
+    @torch.no_grad()
+    def inference(self, mel: torch.Tensor, mel_lens=None, cache_source=None, generators=None):
+        """As ``HiFTGenerator.inference``."""
+        from engine.hift.hift import lens_tensor, row_lengths, source_cache
+        from engine.hift.source import draw_source_noise
+        B, _, T = mel.shape
+        rb, fb = _bucket(self.rows, B), _bucket(self.sizes, T)
+        if rb is None or fb is None:
+            return self.inner.inference(mel, mel_lens, cache_source, generators)
+        lens = row_lengths(mel_lens, B, T) or [T] * B
+        spf, device = self.samples_per_frame, mel.device
+        draws = draw_source_noise(B, T * spf, self.inner.m_source.dim, device, generators, [n * spf for n in lens])
+        cache, cache_lens = source_cache(cache_source, B, device)
+        key = (rb, fb, 0 if cache is None else cache.shape[1], mel.dtype, device)
+        g = None
+        if self.use_graphs and mel.is_cuda:
+            g = self._graphs.get(key) or self._capture(key)
+        inp = g.inputs if g is not None else self._new_inputs(key)
+        for name, value in (("mel", mel), ("rand_ini", draws.rand_ini), ("noise", draws.noise),
+                            ("cache", cache), ("cache_lens", cache_lens)):
+            if value is not None:
+                inp[name].zero_()
+                inp[name][tuple(slice(0, n) for n in value.shape)].copy_(value)
+        inp["lens"].fill_(1)
+        inp["lens"][:B].copy_(lens_tensor(lens, device))
+        if g is None:
+            speech, source = self._render(inp)
+        else:
+            g.graph.replay()
+            self.replays += 1
+            speech, source = g.out
+        return speech[:B, :T * spf].clone(), source[:B, :, :T * spf].clone()
+
+    def _render(self, inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        from engine.hift.source import SourceNoise
+        return self.inner.render(inp["mel"], inp["lens"], SourceNoise(inp["rand_ini"], inp["noise"]),
+                                 inp.get("cache"), inp.get("cache_lens"))
+
+    def _new_inputs(self, key) -> dict[str, torch.Tensor]:
+        rb, fb, n_cache, dtype, device = key
+        mels, harmonics = self.inner.cfg.in_channels, self.inner.m_source.dim
+        inp = {"mel": torch.zeros(rb, mels, fb, dtype=dtype, device=device),
+               "lens": torch.ones(rb, dtype=torch.long, device=device),
+               "rand_ini": torch.zeros(rb, harmonics, device=device),
+               "noise": torch.zeros(rb, fb * self.samples_per_frame, harmonics, device=device)}
+        if n_cache:
+            inp["cache"] = torch.zeros(rb, n_cache, device=device)
+            inp["cache_lens"] = torch.zeros(rb, dtype=torch.long, device=device)
+        return inp
+
+    @torch.no_grad()
+    def _capture(self, key) -> _Graph | None:
+        rb, fb, n_cache, dtype, device = key
+        inp = self._new_inputs(key)
+        n = fb * self.samples_per_frame
+        out = (torch.zeros(rb, n, dtype=dtype, device=device), torch.zeros(rb, 1, n, dtype=dtype, device=device))
+
+        def render_into_out() -> None:
+            speech, source = self._render(inp)
+            out[0].copy_(speech)
+            out[1].copy_(source)
+        return self._record(key, inp, out, render_into_out)
+
+    def capture_all(self, device: torch.device, cache_samples: int) -> int:
+        """Capture every bucket now, for calls with and without a ``cache_samples`` source cache."""
+        device, n = _with_index(device), 0
+        for rb in self.rows:
+            for fb in self.sizes:
+                for n_cache in (0, cache_samples):
+                    key = (rb, fb, n_cache, torch.float32, device)
+                    if self.use_graphs and key not in self._graphs:
+                        n += self._capture(key) is not None
+        return n
 
 
 def install_graphed_estimator(flow: nn.Module, rows: list[int], frames: list[int], max_elements: int,
