@@ -46,7 +46,7 @@ case "$1" in
     IFS='|' read -ra VARIANTS <<< "$SWEEP"
     for v in "${VARIANTS[@]}"; do
       label=${v%%:*}
-      eval "timeout ${T_VARIANT:-200} python3 bench/engine_bench.py $COMMON --llm vllm --config configs/bench-h100-vllm.yaml \
+      eval "timeout ${T_VARIANT:-300} python3 bench/engine_bench.py $COMMON --llm vllm --config configs/bench-h100-vllm.yaml \
         --concurrency ${CONC:-64} ${v#*:} --out-json $OUT/sweep-$label.json --out-md $OUT/sweep-$label.md" \
         > "$OUT/sweep-$label.log" 2>&1; echo "$label rc=$?"
       grep -A4 "^| c |" "$OUT/sweep-$label.md" | grep -E "^\| [0-9]" | sed "s/^/$label /"

@@ -19,9 +19,10 @@ class ChunkPolicy:
     """How many tokens each chunk voices.
 
     first chunk of an utterance: ``first_chunk_tokens`` (+ ``lookahead`` context tokens held back); a
-    stream's very first chunk that had to wait for the worker voices the tokens that arrived meanwhile,
-    up to ``first_chunk_max_tokens`` (None: exactly ``first_chunk_tokens``); later chunks: ``min_chunk_tokens`` while the client's buffer is short, growing with the playback
-    slack (``slack_fraction`` of the buffered audio, in tokens) up to ``max_chunk_tokens``.
+    stream's very first chunk that had to wait for the worker voices the tokens that arrived
+    meanwhile, up to ``first_chunk_max_tokens`` (None: exactly ``first_chunk_tokens``); later chunks:
+    ``min_chunk_tokens`` while the client's buffer is short, growing with the playback slack
+    (``slack_fraction`` of the buffered audio, in tokens) up to ``max_chunk_tokens``.
     ``fixed_hops`` (tests, golden schedules): the hop of chunk k is ``fixed_hops[min(k, len-1)]``.
     """
     first_chunk_tokens: int = 15
