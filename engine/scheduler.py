@@ -337,10 +337,11 @@ class Scheduler:
                                   tokens=torch.tensor(u.tokens[:c.plan.token_end], dtype=torch.long),
                                   plan=c.plan, cache=u.cache, generator=st.generator, speed=st.spec.speed))
         preempted = 0.0      # seconds of first-chunk calls run inside this one (own StepRecords)
+        busy = {c.stream_id for c in chosen}
 
         def between() -> None:
             nonlocal preempted
-            preempted += self._first_chunks_between({c.stream_id for c in chosen})
+            preempted += self._first_chunks_between(busy)
 
         started, t0 = self.clock(), time.perf_counter()
         try:

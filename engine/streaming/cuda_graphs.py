@@ -26,6 +26,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from engine.hift.hift import lens_tensor, row_lengths, source_cache
+from engine.hift.source import SourceNoise, draw_source_noise
+
 log = logging.getLogger(__name__)
 
 
@@ -81,7 +84,7 @@ class GraphedEstimator(nn.Module):
             key = (rb, fb, x.dtype, x.device)
             g = self._graphs.get(key) or self._capture(key, C, spks.shape[1])
         inp = g.inputs if g is not None else _new_inputs(rb, fb, C, spks.shape[1], x.dtype, x.device)
-        _fill(inp, R, T, x, mask, mu, t, spks, cond, streaming)
+        _fill(inp, R, x, mask, mu, t, spks, cond, streaming)
         if g is None:
             self.padded_calls += 1
             out = self.inner(**inp)
@@ -184,21 +187,22 @@ def _new_inputs(rb: int, fb: int, channels: int, spk_dim: int, dtype, device) ->
             for k, shape in _shapes(rb, fb, channels, spk_dim).items() if k != "out"}
 
 
-def _fill(inp: dict[str, torch.Tensor], R: int, T: int, x, mask, mu, t, spks, cond, streaming) -> None:
-    """Copy a call's [R, ·, T] inputs into bucket buffers; everything else becomes 0 (mask 0: padding)."""
-    for name, src in (("x", x), ("mask", mask), ("mu", mu), ("cond", cond)):
-        buf = inp[name]
-        buf.zero_()
-        buf[:R, :, :T].copy_(src)
-    inp["t"].zero_()
-    inp["t"][:R].copy_(t.reshape(-1).expand(R) if t.numel() == 1 else t)
-    inp["spks"].zero_()
-    inp["spks"][:R].copy_(spks)
-    inp["streaming"].fill_(False)
-    if isinstance(streaming, bool):
-        inp["streaming"][:R].fill_(streaming)
+def _put(buf: torch.Tensor, value: torch.Tensor | bool, rows: int, pad: int | bool = 0) -> None:
+    """Set a bucket buffer to ``pad``, then write a call's ``value`` into its leading corner (a tensor
+    of at most the buffer's shape, or one bool/number for the first ``rows`` rows)."""
+    buf.fill_(pad)
+    if isinstance(value, torch.Tensor):
+        buf[tuple(slice(0, n) for n in value.shape)].copy_(value)
     else:
-        inp["streaming"][:R].copy_(streaming)
+        buf[:rows].fill_(value)
+
+
+def _fill(inp: dict[str, torch.Tensor], R: int, x, mask, mu, t, spks, cond, streaming) -> None:
+    """Copy a call's [R, ·, T] inputs into bucket buffers; everything else becomes 0 (mask 0: padding)."""
+    t = t.reshape(-1).expand(R) if t.numel() == 1 else t
+    for name, value in (("x", x), ("mask", mask), ("mu", mu), ("cond", cond), ("t", t), ("spks", spks),
+                        ("streaming", streaming)):
+        _put(inp[name], value, R)
 
 
 class _SmallCallGraphs(nn.Module):
@@ -257,19 +261,10 @@ class GraphedEncoder(_SmallCallGraphs):
         if self.use_graphs and xs.is_cuda:
             g = self._graphs.get(key) or self._capture(key, D, context.size(1))
         inp = g.inputs if g is not None else self._new_inputs(key, D, context.size(1))
-        inp["xs"].zero_()
-        inp["xs"][:B, :T].copy_(xs)
-        inp["xs_lens"].fill_(1)
-        inp["xs_lens"][:B].copy_(xs_lens)
-        inp["context"].zero_()
-        inp["context"][:B].copy_(context)
-        for name, value in (("has_context", True if has_context is None else has_context),
-                            ("streaming", streaming)):
-            inp[name].fill_(False)
-            if isinstance(value, bool):
-                inp[name][:B].fill_(value)
-            else:
-                inp[name][:B].copy_(value)
+        _put(inp["xs_lens"], xs_lens, B, pad=1)        # padded rows: length 1, no context
+        for name, value in (("xs", xs), ("context", context), ("streaming", streaming),
+                            ("has_context", True if has_context is None else has_context)):
+            _put(inp[name], value, B)
         if g is None:
             h = self.inner(**inp)[0]
         else:
@@ -334,8 +329,6 @@ class GraphedHiFT(_SmallCallGraphs):
     @torch.no_grad()
     def inference(self, mel: torch.Tensor, mel_lens=None, cache_source=None, generators=None):
         """As ``HiFTGenerator.inference``."""
-        from engine.hift.hift import lens_tensor, row_lengths, source_cache
-        from engine.hift.source import draw_source_noise
         B, _, T = mel.shape
         rb, fb = _bucket(self.rows, B), _bucket(self.sizes, T)
         if rb is None or fb is None:
@@ -349,13 +342,11 @@ class GraphedHiFT(_SmallCallGraphs):
         if self.use_graphs and mel.is_cuda:
             g = self._graphs.get(key) or self._capture(key)
         inp = g.inputs if g is not None else self._new_inputs(key)
+        _put(inp["lens"], lens_tensor(lens, device), B, pad=1)     # padded rows: length 1, no noise
         for name, value in (("mel", mel), ("rand_ini", draws.rand_ini), ("noise", draws.noise),
                             ("cache", cache), ("cache_lens", cache_lens)):
             if value is not None:
-                inp[name].zero_()
-                inp[name][tuple(slice(0, n) for n in value.shape)].copy_(value)
-        inp["lens"].fill_(1)
-        inp["lens"][:B].copy_(lens_tensor(lens, device))
+                _put(inp[name], value, B)
         if g is None:
             speech, source = self._render(inp)
         else:
@@ -365,7 +356,6 @@ class GraphedHiFT(_SmallCallGraphs):
         return speech[:B, :T * spf].clone(), source[:B, :, :T * spf].clone()
 
     def _render(self, inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        from engine.hift.source import SourceNoise
         return self.inner.render(inp["mel"], inp["lens"], SourceNoise(inp["rand_ini"], inp["noise"]),
                                  inp.get("cache"), inp.get("cache_lens"))
 
