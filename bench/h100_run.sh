@@ -3,7 +3,8 @@
 #   bash bench/h100_run.sh torch   # full-size random checkpoint; engine_bench with the torch LLM,
 #                                  # batched c=1,16,64,128 + --no-batching baseline; ws_loadgen c=64
 #   bash bench/h100_run.sh vllm    # engine_bench with the vLLM LLM (needs the vLLM bundle on PYTHONPATH);
-#                                  # NO_BATCHING=64 adds the one-stream-per-call baseline at c=64
+#                                  # NO_BATCHING=64 adds the one-stream-per-call baseline at c=64;
+#                                  # EXTRA="--set key=yaml ..." passes engine_bench arguments
 #   bash bench/h100_run.sh profile # bench/flow_profile.py: estimator/encoder/HiFT alone (no vLLM needed)
 #   SWEEP="label:--set key=yaml ...|label2:..." bash bench/h100_run.sh sweep
 #                                  # one vLLM engine_bench per variant (engine config overrides), c=$CONC
@@ -36,7 +37,7 @@ case "$1" in
   vllm)
     smi vllm
     timeout ${T_BENCH:-540} python3 bench/engine_bench.py $COMMON --llm vllm --config configs/bench-h100-vllm.yaml \
-      --concurrency ${CONC:-1,16,64,128} ${NO_BATCHING:+--no-batching --baseline-concurrency $NO_BATCHING} \
+      --concurrency ${CONC:-1,16,64,128} ${NO_BATCHING:+--no-batching --baseline-concurrency $NO_BATCHING} ${EXTRA:-} \
       --out-json "$OUT/vllm.json" --out-md "$OUT/vllm.md" \
       > "$OUT/vllm.log" 2>&1; echo "engine_bench vllm rc=$?"
     kill $SMI

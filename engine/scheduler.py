@@ -150,8 +150,12 @@ class Scheduler:
     """The worker thread. All public methods are thread-safe and return at once."""
 
     def __init__(self, runner: Token2WavRunner, config: SchedulerConfig | None = None,
-                 device: str | torch.device = "cpu", clock: Callable[[], float] = time.monotonic):
+                 device: str | torch.device = "cpu", clock: Callable[[], float] = time.monotonic,
+                 hold_llm: Callable[[bool], None] | None = None):
+        """``hold_llm(True)`` is called before a call that makes a stream's first audio and
+        ``hold_llm(False)`` after it (the vLLM backend then holds decode steps that can wait)."""
         self.runner = runner
+        self.hold_llm = hold_llm
         self.config = config or SchedulerConfig()
         self.device = torch.device(device)
         self.clock = clock
@@ -289,9 +293,10 @@ class Scheduler:
             plan = plan_chunk(len(u.tokens), u.offset, u.llm_done, hop, pol.lookahead)
             if plan is None:
                 continue
-            key = deadline_key(st.clock.play_end is not None, slack, u.released_at)
+            silent = st.clock.play_end is None
+            key = deadline_key(not silent, slack, u.released_at)
             cost = flow_cost_frames(int(st.spec.prompt.tokens.shape[0]), plan, pol.lookahead)
-            out.append(Candidate(key, cost, sid, plan))
+            out.append(Candidate(key, cost, sid, plan, first_audio=silent))
         return out
 
     def _drop_empty_heads(self, st: _Stream) -> None:
@@ -304,7 +309,7 @@ class Scheduler:
             return False
         # A step without first chunks lets the first chunks that become ready meanwhile run between
         # its Euler steps, instead of waiting for the whole step.
-        self._run(chosen, preemptible=self.config.preempt and chosen[0].deadline_key[0] != 0)
+        self._run(chosen, preemptible=self.config.preempt and not chosen[0].first_audio)
         return True
 
     def _pack(self, candidates: list[Candidate]) -> list[Candidate]:
@@ -343,8 +348,11 @@ class Scheduler:
             nonlocal preempted
             preempted += self._first_chunks_between(busy)
 
+        hold = self.hold_llm is not None and any(c.first_audio for c in chosen)
         started, t0 = self.clock(), time.perf_counter()
         try:
+            if hold:
+                self.hold_llm(True)
             results = self.runner.run(items, between) if preemptible else self.runner.run(items)
         except Exception as exc:  # e.g. out of memory: fail this batch's streams, keep serving others
             log.exception("token2wav call for %d streams failed", len(items))
@@ -355,6 +363,9 @@ class Scheduler:
                     self._safe_sink(st, None)
             self.live_streams = len(self._streams)
             return
+        finally:
+            if hold:
+                self.hold_llm(False)
         self.step_count += 1
         phases = dict(getattr(self.runner, "last_phases", {}))
         if preempted:   # the preempting calls ran inside the flow phase

@@ -88,7 +88,7 @@ def test_pack_respects_budget_and_batch_limit():
     assert [c.stream_id for c in pack(cands, 90, 10)] == ["a", "c", "d"]
     assert [c.stream_id for c in pack(cands, 10, 10)] == ["a"]              # most urgent always runs
     assert [c.stream_id for c in pack(cands, 1000, 2)] == ["a", "b"]
-    first = Candidate(deadline_key(False, None, 0.0), 20, "new", ChunkPlan(1, 0, True))
+    first = Candidate(deadline_key(False, None, 0.0), 20, "new", ChunkPlan(1, 0, True), first_audio=True)
     assert [c.stream_id for c in pack(cands + [first], 1000, 10, urgent_frame_budget=60)] == ["new", "a"]
     assert len(pack(cands, 1000, 10, urgent_frame_budget=60)) == 4          # no first chunk: full budget
     # with buckets of 4 rows, a 2nd or 3rd stream is free up to the bucket's longest row
@@ -281,6 +281,36 @@ def test_first_chunks_preempt_streams_with_slack():
     sch.add_tokens("b", 0, list(range(100)))
     sch.step_once()
     assert runner.calls[-1][0][1] == 18                # b's first chunk went before a's second
+
+
+def test_the_llm_is_held_exactly_while_a_call_makes_a_first_audio():
+    events = []
+
+    class Recording(FakeRunner):
+        fail = False
+
+        def run(self, items, between=None):
+            events.append([int(it.tokens.shape[0]) for it in items])
+            if self.fail:
+                raise RuntimeError("out of memory")
+            return super().run(items, between)
+    runner = Recording()
+    sch = Scheduler(runner, SchedulerConfig(max_batch=1), clock=lambda: 0.0, hold_llm=events.append)
+    for sid in "ab":
+        sch.open(StreamSpec(sid, _prompt(), Collector(), ChunkPolicy(fixed_hops=[15])))
+        sch.begin_utterance(sid, 0)
+        sch.add_tokens(sid, 0, list(range(36)))
+    while sch.step_once():
+        pass
+    # a's and b's first audio held the LLM; their second chunks did not
+    assert events == [True, [18], False, True, [18], False, [33], [33]]
+    events.clear()
+    runner.fail = True
+    sch.open(StreamSpec("c", _prompt(), Collector(), ChunkPolicy(fixed_hops=[15])))
+    sch.begin_utterance("c", 0)
+    sch.add_tokens("c", 0, list(range(18)))
+    sch.step_once()
+    assert events == [True, [18], False]            # a failed call still drops the hold
 
 
 class ArrivalDuringCall(FakeRunner):

@@ -643,3 +643,30 @@ def test_decode_pacer_caps_the_step_rate_of_busy_steps():
     assert all(abs(b - a - 0.02) < 1e-9 for a, b in zip(starts, starts[1:]))
     now[0] += 1.0
     assert p.wait(10) == 0.0                   # after an idle second no sleep is owed
+
+
+def test_decode_hold_holds_steps_of_few_requests_while_a_first_chunk_runs(tmp_path):
+    from engine.llm.vllm_backend.backend import VLLMOptions, engine_kwargs
+    from engine.llm.vllm_backend.pacing import DecodeHold, DecodePacer
+    flow_side = DecodeHold.create()                       # the flow worker's process
+    kw = engine_kwargs(GOLDEN / "model", VLLMOptions(config_cache_dir=str(tmp_path)), ModelConfig.tiny().llm,
+                       hold_path=flow_side.path)
+    p = DecodePacer.from_config(kw["additional_config"])  # the engine core's process maps the same file
+    assert p.tokens_per_s == 100.0 and p.hold.path == flow_side.path
+    now, call_ends = [0.0], [0.05]
+
+    def sleep(s):
+        now[0] += s
+        if now[0] >= call_ends[0]:                        # the first chunk's call is over
+            flow_side.set(False)
+    p.clock, p.sleep = (lambda: now[0]), sleep
+    flow_side.set(True)
+    assert p.wait(4) == 0.0                               # busy steps are paced, never held
+    now[0] = 0.01
+    assert p.wait(1) == pytest.approx(0.04, abs=1e-3)     # a lone request waits for the flag to drop
+    flow_side.set(True)
+    call_ends[0] = float("inf")                           # a flag that never drops holds a step at most
+    assert p.wait(2) == pytest.approx(p.hold_max_s, abs=1e-3)
+    assert DecodePacer.from_config({"cosyvoice_pacing": {"hold_path": flow_side.path}}).tokens_per_s is None
+    flow_side.close(remove=True)
+    assert not Path(flow_side.path).exists()

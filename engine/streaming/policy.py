@@ -135,11 +135,13 @@ class PlaybackClock:
 
 @dataclass(order=True)
 class Candidate:
-    """A stream ready for a call this step. Sorted by ``deadline_key``."""
+    """A stream ready for a call this step. Sorted by ``deadline_key``; ``first_audio``: the call
+    makes the stream's first audio (the stream is silent so far)."""
     deadline_key: tuple
     cost_frames: int = field(compare=False)
     stream_id: str = field(compare=False)
     plan: ChunkPlan = field(compare=False)
+    first_audio: bool = field(default=False, compare=False)
 
 
 def deadline_key(has_audio: bool, slack_s: float | None, waiting_since: float) -> tuple:
@@ -169,12 +171,12 @@ def pack(candidates: Sequence[Candidate], frame_budget: int, max_batch: int,
     ``padded_cost(rows, max(cost_frames))``: ``rows × longest``, or more where the flow pads further
     (CUDA-graph buckets: a stream that still fits the bucket costs nothing). The most urgent candidate is
     always taken (even over budget) so that no stream starves; later ones that do not fit are skipped
-    in favour of cheaper ones behind them. When the most urgent candidate is a stream's first chunk,
+    in favour of cheaper ones behind them. When the most urgent candidate is a stream's first audio,
     ``urgent_frame_budget`` (if given) replaces the budget, keeping that step short."""
     chosen: list[Candidate] = []
     longest = 0
     ordered = sorted(candidates)
-    if ordered and urgent_frame_budget is not None and ordered[0].deadline_key[0] == 0:
+    if ordered and urgent_frame_budget is not None and ordered[0].first_audio:
         frame_budget = min(frame_budget, urgent_frame_budget)
     for c in ordered:
         if len(chosen) >= max_batch:

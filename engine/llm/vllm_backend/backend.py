@@ -47,6 +47,9 @@ class VLLMOptions:
     # decode, at most this many steps a second (4x real-time speech), leaving the GPU to flow/HiFT.
     pace_tokens_per_s: float | None = 100.0
     pace_busy_rows: int = 4
+    # Fewer requests than pace_busy_rows hold their decode steps while the flow worker computes a
+    # stream's first audio (``hold_decode``; pacing.py), so that call has the GPU alone.
+    hold_for_first_audio: bool = True
     # "session" (vLLM streaming input) needs engine_kwargs={"async_scheduling": False} (docs/VLLM.md);
     # "resubmit" works with vLLM's defaults.
     bistream_transport: Literal["session", "resubmit"] = "resubmit"
@@ -58,8 +61,9 @@ class VLLMOptions:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)   # passed to AsyncEngineArgs as is
 
 
-def engine_kwargs(model_dir: str | Path, opts: VLLMOptions, cfg: LLMConfig) -> dict:
-    """AsyncEngineArgs keyword arguments (no vLLM import; creates the side directory)."""
+def engine_kwargs(model_dir: str | Path, opts: VLLMOptions, cfg: LLMConfig, hold_path: str | None = None) -> dict:
+    """AsyncEngineArgs keyword arguments (no vLLM import; creates the side directory).
+    ``hold_path``: the ``pacing.DecodeHold`` file the engine core's pacer watches."""
     overrides = hf_config.hf_overrides(cfg)
     if opts.fp32_head and opts.dtype != "float32":
         overrides["head_dtype"] = "float32"
@@ -77,9 +81,9 @@ def engine_kwargs(model_dir: str | Path, opts: VLLMOptions, cfg: LLMConfig) -> d
         kw["cudagraph_capture_sizes"] = list(opts.cudagraph_capture_sizes)
     if opts.logits_processor:
         kw["logits_processors"] = [hf_config.PROCESSOR]
-        if opts.pace_tokens_per_s:
-            kw["additional_config"] = {pacing.CONFIG_KEY: {"tokens_per_s": opts.pace_tokens_per_s,
-                                                          "busy_rows": opts.pace_busy_rows}}
+        if opts.pace_tokens_per_s or hold_path:
+            pace = {"tokens_per_s": opts.pace_tokens_per_s, "busy_rows": opts.pace_busy_rows}
+            kw["additional_config"] = {pacing.CONFIG_KEY: pace | ({"hold_path": hold_path} if hold_path else {})}
     kw.update(opts.engine_kwargs)
     return kw
 
@@ -94,6 +98,7 @@ class VLLMBackend:
         self._live: dict[str, str] = {}          # our request id -> current vLLM request id
         self._aborted: set[str] = set()
         self._wake: dict[str, asyncio.Event] = {}
+        self._hold: pacing.DecodeHold | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,7 +113,10 @@ class VLLMBackend:
         # child cannot use it. The plugin entry point re-registers the model in the spawned process.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         t0 = time.perf_counter()
-        args = AsyncEngineArgs(**engine_kwargs(self.model_dir, self.opts, self.cfg))
+        if self.opts.hold_for_first_audio and self.opts.logits_processor:
+            self._hold = pacing.DecodeHold.create()
+        args = AsyncEngineArgs(**engine_kwargs(self.model_dir, self.opts, self.cfg,
+                                               self._hold.path if self._hold else None))
         self.engine = AsyncLLM.from_engine_args(args)
         t1 = time.perf_counter()
         await self.warmup()
@@ -129,10 +137,18 @@ class VLLMBackend:
         for _ in range(2):
             await asyncio.gather(*(one(i) for i in range(n)))
 
+    def hold_decode(self, on: bool) -> None:
+        """Raise (True) or drop the flag that holds decode steps of few requests (any thread)."""
+        if self._hold is not None:
+            self._hold.set(on)
+
     async def close(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        if self._hold is not None:
+            self._hold.close(remove=True)
+            self._hold = None
 
     # -- plain requests -------------------------------------------------------------------------
     def request_kwargs(self, request: LLMRequest, prompt_len: int) -> dict:
