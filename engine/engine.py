@@ -65,7 +65,6 @@ class EngineConfig:
     hift_graph_rows: list[int] = field(default_factory=lambda: [1, 2, 4, 8])      # [] = no HiFT graphs
     hift_graph_frames: list[int] = field(default_factory=lambda: [64, 128, 256])
     cuda_allocator: str | None = "expandable_segments:True"   # torch caching-allocator settings (CUDA)
-    early_release_s: float | None = 0.5
     seed: int | None = None
     fixed_tokens_per_char: float | None = None
 
@@ -131,8 +130,6 @@ class TTSStream:
         self._opened = time.monotonic()
         self._first_audio: float | None = None
         self._audio_samples = 0
-        self._play_end: float | None = None   # when the listener runs out of the audio sent so far
-        self._voiced = 0                       # segments whose last chunk was delivered
         self._bistream_text: asyncio.Queue | None = None
         self._bistream_marks: list[tuple[int, int]] = []   # (tokens decoded so far, newest segment)
         self._bistream_tokens = 0
@@ -223,7 +220,7 @@ class TTSStream:
                 timeout = self.POLL_S if self._segmenter.buffered and not self._ended else None
                 item = await asyncio.wait_for(self._inbox.get(), timeout)
             except asyncio.TimeoutError:
-                for seg in self._segmenter.poll(urgent=self._running_dry()):
+                for seg in self._segmenter.poll():
                     await self._release(seg)
                 continue
             if item is _END:
@@ -233,14 +230,6 @@ class TTSStream:
                     self.engine.scheduler.end_stream(self.stream_id)
                 return
             await self._release(item)
-
-    def _running_dry(self) -> bool:
-        """Segments mode: everything released so far is voiced and the listener's audio ends within
-        ``early_release_s``; waiting for the end of the sentence would stall playback, so the
-        buffered text goes out at its last safe cut (a clause or word boundary)."""
-        margin = self.engine.config.early_release_s
-        return (margin is not None and self._bistream_text is None and self._play_end is not None
-                and self._voiced == len(self._segments) and self._play_end - time.monotonic() < margin)
 
     async def _release(self, raw: str) -> None:
         text = await asyncio.to_thread(self._frontend.normalize, raw, False)
@@ -335,12 +324,8 @@ class TTSStream:
             self._fail(EngineError("engine_error", f"token2wav worker failed: {self.engine.scheduler.error!r}"))
             return
         index = self._segment_of(chunk)
-        now = time.monotonic()
-        if len(chunk.samples):
-            self._first_audio = self._first_audio or now
-            self._play_end = max(self._play_end or now, now) + len(chunk.samples) / SAMPLE_RATE
-        if chunk.final_of_utterance:
-            self._voiced = max(self._voiced, index + 1)
+        if len(chunk.samples) and self._first_audio is None:
+            self._first_audio = time.monotonic()
         self._audio_samples += len(chunk.samples)
         text = self._segments[index] if 0 <= index < len(self._segments) else ""
         # The upstream cross-fade (two Hamming halves, gain up to 1.08) can push a sample past the

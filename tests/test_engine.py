@@ -89,42 +89,6 @@ def test_segments_mode_end_to_end(tiny_model_dir, one_thread):
     assert metrics["live_streams"] == 0
 
 
-@pytest.mark.parametrize("early_release_s", [None, 100.0])
-def test_text_waiting_for_a_sentence_end_is_released_when_the_audio_runs_dry(early_release_s, tiny_model_dir,
-                                                                             one_thread):
-    async def main():
-        eng = await _engine(tiny_model_dir, early_release_s=early_release_s)
-        try:
-            s = await eng.open_stream(StreamOptions(voice_id="v"))
-            events: list = []
-
-            async def collect():
-                async for ev in s:
-                    events.append(ev)
-            task = asyncio.ensure_future(collect())
-            s.push_text("Hello there my good friend, how")
-            while not any(isinstance(e, AudioChunk) for e in events) or _busy(eng):   # segment 0 voiced
-                await asyncio.sleep(0.01)
-            s.push_text(" are you and then some wor")  # no sentence end: a later segment would wait
-            await asyncio.sleep(1.0)                   # (max_delay_s is 2.5 s)
-            released = [e.text for e in events if isinstance(e, SegmentEvent)]
-            s.end()
-            await task
-            return released
-        finally:
-            await eng.close()
-
-    released = run(main())
-    # margin 100 s: the audio always "runs dry", so the words up to the last safe cut go out at once
-    assert released == (["Hello there my good friend,"] if early_release_s is None
-                        else ["Hello there my good friend,", "how are you and then some"])
-
-
-def _busy(eng) -> bool:
-    """Whether the scheduler still holds an utterance of a stream (read racily; tests only)."""
-    return any(st.utterances for st in eng.scheduler._streams.values())
-
-
 def test_bistream_mode_end_to_end(tiny_model_dir, one_thread):
     async def main():
         eng = await _engine(tiny_model_dir)

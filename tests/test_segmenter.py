@@ -203,14 +203,6 @@ def test_poll_releases_after_delay_at_a_safe_cut():
     assert seg.end() == [" friend, how are you doing today?"]
 
 
-def test_urgent_poll_releases_at_once():
-    seg = StreamingSegmenter(SegmenterConfig(first_max_delay_s=0.5))
-    assert seg.feed("Hello there my frie", now=10.0) == []
-    assert seg.poll(now=10.1) == []
-    assert seg.poll(now=10.1, urgent=True) == ["Hello there my"]
-    assert seg.poll(now=10.2, urgent=True) == []          # " frie": no safe cut yet
-
-
 def test_poll_does_not_split_numbers():
     seg = StreamingSegmenter(SegmenterConfig(first_max_delay_s=0.1))
     seg.feed("It costs $12.5", now=0.0)

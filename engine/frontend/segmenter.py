@@ -19,9 +19,7 @@ and cut into segments as soon as a cut is certain to be safe:
 * **Later segments** (sentence-sized, for prosody): the first sentence cut with >= ``min_units``; if
   none by ``max_units``, the last clause cut (else the last space / CJK cut) before that point.
 * **Delays**: ``poll(now)`` emits up to the last safe cut once the oldest buffered text has waited
-  ``first_max_delay_s`` (first segment) or ``max_delay_s`` (later ones) and has >= ``delay_min_units``;
-  ``poll(now, urgent=True)`` does so at once (the engine's early release: the listener's audio is
-  about to run out).
+  ``first_max_delay_s`` (first segment) or ``max_delay_s`` (later ones) and has >= ``delay_min_units``.
 * ``flush()`` emits everything buffered (held-back markdown resolved); ``end()`` emits the rest and
   closes the segmenter. Segments with no letter/digit/CJK character are never emitted (at ``end``
   such a remainder is dropped; otherwise it stays buffered and prefixes the next segment).
@@ -209,15 +207,14 @@ class StreamingSegmenter:
         now = time.monotonic() if now is None else now
         return self._append(self._cleaner.feed(fragment), now, final=False)
 
-    def poll(self, now: float | None = None, urgent: bool = False) -> list[str]:
+    def poll(self, now: float | None = None) -> list[str]:
         """Apply the max-delay rule: if the buffered text waited too long, emit it up to its last
-        safe cut. Call periodically (e.g. every 50 ms) and after ``feed``. ``urgent`` (the listener
-        is about to run out of audio) emits up to the last safe cut without waiting."""
+        safe cut. Call periodically (e.g. every 50 ms) and after ``feed``."""
         if self._ended or self._since is None or not self._buf:
             return []
         now = time.monotonic() if now is None else now
         limit = self.config.first_max_delay_s if self._first else self.config.max_delay_s
-        if now - self._since < limit and not urgent:
+        if now - self._since < limit:
             return []
         scan = _scan(self._buf, self._first, self.config, final=False)
         for q, _, u in reversed(scan.candidates):
