@@ -43,6 +43,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", default="2,8,32,64,128")
     ap.add_argument("--frames", default="256,512,1024")
     ap.add_argument("--out-md", default=None)
+    ap.add_argument("--compile", action="store_true", help="also time the estimator under torch.compile "
+                    "(dynamic shapes), alone and inside the CUDA-graph buckets")
     args = ap.parse_args(argv)
     from engine.models import load_models
     models = load_models(args.model, args.device, args.dtype, load_llm=False)  # outside inference mode:
@@ -88,6 +90,9 @@ def profile(args, m) -> str:
             lines.append(f"| {R} | {T} | {g_ms:.2f} | {e_ms:.2f} | {R * T / g_ms * 1000:,.0f} |")
         print("\n".join(lines[-len(args.frames.split(",")):]), flush=True)
 
+    if args.compile:
+        lines += compiled_estimator(est_eager, estimator_call, cfg, args.iters, dev, use_graphs)
+
     def flow_inputs(B, prompt_tokens, tokens):
         return ([torch.randint(0, 6561, (tokens,)) for _ in range(B)],
                 [torch.randint(0, 6561, (prompt_tokens,)) for _ in range(B)],
@@ -95,7 +100,7 @@ def profile(args, m) -> str:
                 torch.randn(B, 192, device=dev), [True] * B, [False] * B)
 
     enc_eager = flow.encoder
-    enc_rows = cfg.encoder_graph_rows or [1, 2, 4, 8]      # the engine's default is off (opt-in)
+    enc_rows = cfg.encoder_graph_rows or [1, 2, 4, 8]
     enc_graphed = install_graphed_encoder(flow, enc_rows, cfg.encoder_graph_tokens, use_graphs)
     lines += ["", "## Flow encoder and whole flow call (prompt 75 tokens)", "",
               f"| streams | tokens | encode ms, eager | encode ms (CUDA graph up to {max(enc_rows)} "
@@ -110,7 +115,7 @@ def profile(args, m) -> str:
         lines.append(f"| {B} | {n} | {enc:.2f} | {enc_g:.2f} | {call:.2f} |")
         print(lines[-1], flush=True)
 
-    hift_rows = cfg.hift_graph_rows or [1, 2, 4, 8]      # the engine's default is off (opt-in)
+    hift_rows = cfg.hift_graph_rows or [1, 2, 4, 8]
     hift_graphed = GraphedHiFT(hift, hift_rows, cfg.hift_graph_frames, use_graphs)
     lines += ["", "## HiFT, one batched vocode call (first chunks: no cache)", "",
               f"| streams | new frames | ms, eager | ms (CUDA graph up to {max(hift_rows)} x "
@@ -144,6 +149,31 @@ def profile(args, m) -> str:
             lines += [f"top ops by {key} (3 steps):", "```",
                       prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=50), "```"]
     return "\n".join(lines)
+
+
+def compiled_estimator(est_eager, estimator_call, cfg, iters: int, dev, use_graphs: bool) -> list[str]:
+    """Markdown rows: one Euler step eager, under ``torch.compile(dynamic=True)``, and compiled inside
+    the CUDA-graph buckets, with the compiled output's largest difference from eager."""
+    from engine.streaming.cuda_graphs import GraphedEstimator
+    t0 = time.perf_counter()
+    compiled = torch.compile(est_eager, dynamic=True)
+    estimator_call(compiled, 8, 256)()
+    compile_s = time.perf_counter() - t0
+    graphed = GraphedEstimator(compiled, cfg.graph_rows, cfg.graph_frames, cfg.graph_max_elements, use_graphs)
+    lines = ["", f"## Estimator under torch.compile (dynamic shapes; first compile {compile_s:.0f} s)", "",
+             "| rows | frames | eager ms | compiled ms | compiled in CUDA graph ms | max abs diff vs eager |",
+             "|---|---|---|---|---|---|"]
+    for R, T in [(8, 256), (32, 256), (128, 256), (32, 1024), (128, 1024)]:
+        torch.manual_seed(0)
+        call_e = estimator_call(est_eager, R, T)
+        torch.manual_seed(0)
+        call_c = estimator_call(compiled, R, T)              # the same inputs
+        diff = (call_c().float() - call_e().float()).abs().max().item()
+        e_ms, c_ms = timed(call_e, iters, dev), timed(call_c, iters, dev)
+        g_ms = timed(estimator_call(graphed, R, T), iters, dev)
+        lines.append(f"| {R} | {T} | {e_ms:.2f} | {c_ms:.2f} | {g_ms:.2f} | {diff:.2e} |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 #   bash bench/h100_run.sh vllm    # engine_bench with the vLLM LLM (needs the vLLM bundle on PYTHONPATH);
 #                                  # NO_BATCHING=64 adds the one-stream-per-call baseline at c=64;
 #                                  # EXTRA="--set key=yaml ..." passes engine_bench arguments
-#   bash bench/h100_run.sh profile # bench/flow_profile.py: estimator/encoder/HiFT alone (no vLLM needed)
+#   bash bench/h100_run.sh profile # bench/flow_profile.py: estimator/encoder/HiFT alone (no vLLM needed);
+#                                  # PROFILE_ARGS=--compile adds the estimator under torch.compile
 #   SWEEP="label:--set key=yaml ...|label2:..." bash bench/h100_run.sh sweep
 #                                  # one vLLM engine_bench per variant (engine config overrides), c=$CONC
 # Expects `pip install --no-deps -e .` done (vLLM plugin entry point). Results and logs go to $OUT;
@@ -54,7 +55,7 @@ case "$1" in
     done
     ;;
   profile)
-    python3 -m bench.flow_profile --model "$MODEL" --device cuda --dtype bfloat16 --out-md "$OUT/profile.md" \
+    python3 -m bench.flow_profile --model "$MODEL" --device cuda --dtype bfloat16 --out-md "$OUT/profile.md" ${PROFILE_ARGS:-} \
       > "$OUT/profile.log" 2>&1; echo "flow_profile rc=$?"
     grep -B2 -A40 "^## Estimator" "$OUT/profile.md" | head -60
     ;;
