@@ -32,7 +32,7 @@ from bench.engine_bench import chatbot_text, fragments
 from engine.engine import EngineConfig
 from engine.frontend.segmenter import StreamingSegmenter
 from engine.scheduler import ChunkOut, FlowPrompt, Scheduler, SchedulerConfig, StreamSpec
-from engine.streaming.policy import chunk_samples, flow_cost_frames
+from engine.streaming.policy import PlaybackClock, chunk_samples, flow_cost_frames
 
 SAMPLE_RATE = 24000
 
@@ -117,27 +117,26 @@ class ModelRunner:
 
 @dataclass
 class Listener:
-    """One stream's client: plays audio as it arrives (engine_bench's accounting)."""
+    """One stream's client: plays audio as it arrives (engine_bench's accounting: a late chunk is an
+    underrun only if its segment was released while audio was still playing)."""
     releases: dict = field(default_factory=dict)
     first_audio: dict = field(default_factory=dict)
-    play_end: float | None = None
+    playback: PlaybackClock = field(default_factory=PlaybackClock)
     chunks: int = 0
     late_chunks: list = field(default_factory=list)
-    audio_s: float = 0.0
     done: bool = False
 
     def deliver(self, now: float, chunk: ChunkOut) -> None:
-        if chunk.final:
-            self.done = True
+        self.done = self.done or chunk.final
         if not len(chunk.samples):
             return
         self.first_audio.setdefault(chunk.utterance, now)
-        if self.play_end is not None and now > self.play_end and self.releases[chunk.utterance] <= self.play_end:
+        end, before = self.playback.play_end, self.playback.underruns
+        self.playback.deliver(now, len(chunk.samples) / SAMPLE_RATE,
+                              count_underrun=end is not None and self.releases[chunk.utterance] <= end)
+        if self.playback.underruns > before:
             self.late_chunks.append(self.chunks)
         self.chunks += 1
-        dur = len(chunk.samples) / SAMPLE_RATE
-        self.play_end = (now if self.play_end is None else max(self.play_end, now)) + dur
-        self.audio_s += dur
 
 
 def simulate(cfg: EngineConfig, concurrency: int, cost: CallCost, seed: int = 0, text_chars: int = 300,
@@ -200,7 +199,7 @@ def simulate(cfg: EngineConfig, concurrency: int, cost: CallCost, seed: int = 0,
         "ttfa_p95_ms": 1e3 * float(np.percentile(ttfa, 95)),
         "underruns": len(late), "streams_with_underruns": sum(bool(lis.late_chunks) for lis in listeners),
         "late_chunk_index": dict(sorted(collections.Counter(min(k, 5) for k in late).items())),
-        "audio_s_per_wall_s": sum(lis.audio_s for lis in listeners) / wall,
+        "audio_s_per_wall_s": sum(lis.playback.audio_s for lis in listeners) / wall,
         "mean_batch": float(np.mean([s.batch for s in steps])) if steps else 0.0,
         "flow_frames_per_new_frame": sum(s.frames for s in steps) / max(1, sum(s.new_frames for s in steps)),
     }
