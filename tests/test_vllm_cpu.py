@@ -670,3 +670,44 @@ def test_decode_hold_holds_steps_of_few_requests_while_a_first_chunk_runs(tmp_pa
     assert DecodePacer.from_config({"cosyvoice_pacing": {"hold_path": flow_side.path}}).tokens_per_s is None
     flow_side.close(remove=True)
     assert not Path(flow_side.path).exists()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_backend_start_shares_the_hold_file_and_removes_it(tmp_path, monkeypatch, fails):
+    from engine.llm.vllm_backend import plugin
+    from engine.llm.vllm_backend.backend import VLLMBackend, VLLMOptions
+    from engine.llm.vllm_backend.pacing import DecodeHold
+    seen = {}
+
+    class FakeAsyncLLM:
+        @staticmethod
+        def from_engine_args(args):
+            seen.update(args.kw)
+            if fails:
+                raise RuntimeError("no GPU")
+            return types.SimpleNamespace(shutdown=lambda: None)
+    arg_utils = types.ModuleType("vllm.engine.arg_utils")
+    arg_utils.AsyncEngineArgs = lambda **kw: types.SimpleNamespace(kw=kw)
+    async_llm = types.ModuleType("vllm.v1.engine.async_llm")
+    async_llm.AsyncLLM = FakeAsyncLLM
+    for name, mod in {"vllm": types.ModuleType("vllm"), "vllm.engine": types.ModuleType("vllm.engine"),
+                      "vllm.engine.arg_utils": arg_utils, "vllm.v1": types.ModuleType("vllm.v1"),
+                      "vllm.v1.engine": types.ModuleType("vllm.v1.engine"), "vllm.v1.engine.async_llm": async_llm
+                      }.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(plugin, "register", lambda: None)
+    b = VLLMBackend(GOLDEN / "model", VLLMOptions(config_cache_dir=str(tmp_path), warmup_requests=0))
+    monkeypatch.setattr(b, "warmup", lambda: asyncio.sleep(0))
+    if fails:
+        with pytest.raises(RuntimeError):
+            asyncio.run(b.start())
+    else:
+        asyncio.run(b.start())
+    path = Path(seen["additional_config"]["cosyvoice_pacing"]["hold_path"])
+    if fails:
+        assert not path.exists()                        # a failed start leaves no file behind
+    else:
+        b.hold_decode(True)
+        assert DecodeHold(str(path)).is_set()           # what the engine core's pacer reads
+    asyncio.run(b.close())
+    assert not path.exists()

@@ -115,9 +115,13 @@ class VLLMBackend:
         t0 = time.perf_counter()
         if self.opts.hold_for_first_audio and self.opts.logits_processor:
             self._hold = pacing.DecodeHold.create()
-        args = AsyncEngineArgs(**engine_kwargs(self.model_dir, self.opts, self.cfg,
-                                               self._hold.path if self._hold else None))
-        self.engine = AsyncLLM.from_engine_args(args)
+        try:
+            args = AsyncEngineArgs(**engine_kwargs(self.model_dir, self.opts, self.cfg,
+                                                   self._hold.path if self._hold else None))
+            self.engine = AsyncLLM.from_engine_args(args)
+        except BaseException:
+            await self.close()         # removes the hold file
+            raise
         t1 = time.perf_counter()
         await self.warmup()
         self.startup = {"engine_s": t1 - t0, "warmup_s": time.perf_counter() - t1}
