@@ -16,7 +16,6 @@ measurements.
 from __future__ import annotations
 
 import argparse
-import bisect
 import collections
 import heapq
 import itertools
@@ -32,6 +31,7 @@ from bench.engine_bench import chatbot_text, fragments
 from engine.engine import EngineConfig
 from engine.frontend.segmenter import StreamingSegmenter
 from engine.scheduler import ChunkOut, FlowPrompt, Scheduler, SchedulerConfig, StreamSpec
+from engine.streaming.cuda_graphs import bucket_shape
 from engine.streaming.policy import PlaybackClock, chunk_samples, flow_cost_frames
 
 SAMPLE_RATE = 24000
@@ -45,9 +45,7 @@ class CallCost:
     gpu_share: float = 1.0      # >1: the flow and HiFT share the GPU with vLLM's decode
 
     def padded(self, rows: int, frames: int) -> tuple[int, int]:
-        i, j = bisect.bisect_left(self.graph_rows, rows), bisect.bisect_left(self.graph_frames, frames)
-        return (self.graph_rows[i] if i < len(self.graph_rows) else rows,
-                self.graph_frames[j] if j < len(self.graph_frames) else frames)
+        return bucket_shape(sorted(self.graph_rows), sorted(self.graph_frames), rows, frames)
 
     def euler_step(self, rows: int, frames: int, cached: int = 0) -> float:
         """One estimator call on the padded shape: ~3.7 ms fixed, linear in rows x frames, plus the

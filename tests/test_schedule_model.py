@@ -12,4 +12,5 @@ def test_schedule_model_runs_engine_bench_workload_and_answers_to_the_cost():
     assert 0.09 < fast["ttfa_p50_ms"] / 1e3 < 0.2 < slow["ttfa_p50_ms"] / 1e3
     assert fast["flow_frames_per_new_frame"] > 1.0
     assert CallCost([2, 4], [256, 512]).padded(3, 300) == (4, 512)
-    assert CallCost([2, 4], [256, 512]).padded(6, 300) == (6, 512)       # beyond the row buckets: own shape
+    assert CallCost([2, 4], [256, 512]).padded(6, 300) == (6, 300)       # beyond the row buckets: own shape,
+    assert CallCost([2, 4], [256, 512]).padded(3, 600) == (3, 600)       # as GraphedEstimator.padded_shape

@@ -44,6 +44,13 @@ def _bucket(sizes: list[int], n: int) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
+def bucket_shape(row_sizes: list[int], frame_sizes: list[int], rows: int, frames: int) -> tuple[int, int]:
+    """The (rows, frames) an estimator call computes: its (rows, frames) bucket from the sorted
+    ``row_sizes`` x ``frame_sizes``, or its own shape when either dimension is beyond them."""
+    rb, fb = _bucket(row_sizes, rows), _bucket(frame_sizes, frames)
+    return (rows, frames) if rb is None or fb is None else (rb, fb)
+
+
 class GraphedEstimator(nn.Module):
     """Drop-in for ``CausalConditionalDecoder``: same ``forward(x, mask, mu, t, spks, cond, streaming)``."""
 
@@ -67,8 +74,7 @@ class GraphedEstimator(nn.Module):
 
     def padded_shape(self, rows: int, frames: int) -> tuple[int, int]:
         """The (rows, frames) a call of that shape computes: its bucket, or its own shape outside them."""
-        rb, fb = _bucket(self.rows, rows), _bucket(self.frames, frames)
-        return (rows, frames) if rb is None or fb is None else (rb, fb)
+        return bucket_shape(self.rows, self.frames, rows, frames)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
                 spks: torch.Tensor, cond: torch.Tensor, streaming: bool | torch.Tensor = False) -> torch.Tensor:
