@@ -58,6 +58,7 @@ def main(argv=None) -> None:
 def profile(args, m) -> str:
     """The Markdown report (see the module docstring)."""
     from engine.engine import EngineConfig
+    from engine.flow.prefix import PrefixRows, PrefixStore
     from engine.scheduler import CallItem, FlowPrompt
     from engine.streaming.cuda_graphs import GraphedHiFT, install_graphed_encoder, install_graphed_estimator
     from engine.streaming.policy import ChunkPlan
@@ -92,6 +93,8 @@ def profile(args, m) -> str:
 
     if args.compile:
         lines += compiled_estimator(est_eager, estimator_call, cfg, args.iters, dev, use_graphs)
+    if dev.type == "cuda":
+        lines += estimator_kernels(estimator_call(est_eager, 32, 256))
 
     def flow_inputs(B, prompt_tokens, tokens):
         return ([torch.randint(0, 6561, (tokens,)) for _ in range(B)],
@@ -102,9 +105,12 @@ def profile(args, m) -> str:
     enc_eager = flow.encoder
     enc_rows = cfg.encoder_graph_rows or [1, 2, 4, 8]
     enc_graphed = install_graphed_encoder(flow, enc_rows, cfg.encoder_graph_tokens, use_graphs)
+    store = est.prefix_store = PrefixStore(est, 1, cfg.prefix_cache_frames, steps=10)
+    flow.record_prefix(store, 0, *[x[0] for x in flow_inputs(1, 75, 0)[1:3]], torch.randn(192, device=dev), 100)
     lines += ["", "## Flow encoder and whole flow call (prompt 75 tokens)", "",
               f"| streams | tokens | encode ms, eager | encode ms (CUDA graph up to {max(enc_rows)} "
-              f"x {max(cfg.encoder_graph_tokens)} tokens) | flow call ms |", "|---|---|---|---|---|"]
+              f"x {max(cfg.encoder_graph_tokens)} tokens) | flow call ms | flow call ms, 100 frames "
+              "from the prefix cache |", "|---|---|---|---|---|---|"]
     for B, n in [(1, 18), (1, 100), (4, 100), (16, 100), (64, 100), (64, 300)]:
         inp = flow_inputs(B, 75, n)
         flow.encoder = enc_eager
@@ -112,7 +118,9 @@ def profile(args, m) -> str:
         flow.encoder = enc_graphed
         enc_g = timed(lambda: flow.encode_batch(*inp), args.iters, dev)
         call = timed(lambda: flow.inference_batch(*inp), max(2, args.iters // 3), dev)
-        lines.append(f"| {B} | {n} | {enc:.2f} | {enc_g:.2f} | {call:.2f} |")
+        cached = timed(lambda: flow.inference_batch(*inp, prefix=PrefixRows(store, [0] * B, [100] * B)),
+                       max(2, args.iters // 3), dev)
+        lines.append(f"| {B} | {n} | {enc:.2f} | {enc_g:.2f} | {call:.2f} | {cached:.2f} |")
         print(lines[-1], flush=True)
 
     hift_rows = cfg.hift_graph_rows or [1, 2, 4, 8]
@@ -149,6 +157,20 @@ def profile(args, m) -> str:
             lines += [f"top ops by {key} (3 steps):", "```",
                       prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=50), "```"]
     return "\n".join(lines)
+
+
+def estimator_kernels(call, steps: int = 3) -> list[str]:
+    """Markdown: torch.profiler's top CUDA kernels of ``steps`` eager estimator calls (``call``)."""
+    from torch.profiler import ProfilerActivity, profile
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            call()
+        torch.cuda.synchronize()
+    return ["", f"## Estimator kernels, eager, 32 rows x 256 frames ({steps} Euler steps)", "", "```",
+            prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70),
+            "```"]
 
 
 def compiled_estimator(est_eager, estimator_call, cfg, iters: int, dev, use_graphs: bool) -> list[str]:

@@ -12,6 +12,8 @@ Use it to choose the scheduler settings that are worth a GPU run. ``bench/RESULT
 measurements.
 
     python -m bench.schedule_model --concurrency 1,16,64,128 [--set urgent_frame_budget=4096 ...]
+
+The voice prefix cache counts as the engine configures it (`--set prefix_cache_voices=0`: off).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import yaml
 
 from bench.engine_bench import chatbot_text, fragments
 from engine.engine import EngineConfig
+from engine.flow.prefix import voice_prefix_frames
 from engine.frontend.segmenter import StreamingSegmenter
 from engine.scheduler import ChunkOut, FlowPrompt, Scheduler, SchedulerConfig, StreamSpec
 from engine.streaming.cuda_graphs import bucket_shape
@@ -50,8 +53,8 @@ class CallCost:
     def euler_step(self, rows: int, frames: int, cached: int = 0) -> float:
         """One estimator call on the padded shape: ~3.7 ms fixed, linear in rows x frames, plus the
         attention term in rows x frames^2 (fits flow_profile within ~10% from 2 x 256 to 128 x 1024).
-        ``cached``: leading frames whose keys and values would come from a cache (not computed, but
-        attended to); what-if only, the engine has no such cache."""
+        ``cached``: leading frames whose keys and values come from the voice prefix cache (not
+        computed, but attended to)."""
         r, f = self.padded(rows, frames - cached)
         return (3.7 + 1.05e-3 * r * f + 3.1e-7 * r * f * (f + cached)) / 1e3 * self.gpu_share
 
@@ -89,21 +92,26 @@ class ModelRunner:
     """``Token2WavRunner`` that advances the virtual clock by ``CallCost`` instead of computing."""
 
     def __init__(self, clock: VirtualTime, cost: CallCost, prompt_tokens: int, lookahead: int = 3,
-                 cached_frames: int = 0):
+                 prefix_frames: int = 0):
         self.clock, self.cost, self.prompt_tokens, self.lookahead = clock, cost, prompt_tokens, lookahead
-        self.cached_frames = cached_frames
+        self.prefix_frames = prefix_frames      # the engine's voice prefix cache (non-final calls)
+
+    def cached_frames(self, prompt, plan) -> int:
+        return 0 if plan.final else self.prefix_frames
 
     def padded_cost(self, streams: int, frames: int) -> int:
         rows, padded = self.cost.padded(2 * streams, frames)
         return rows * padded // 2
 
     def run(self, items, between=None):
-        frames = max(flow_cost_frames(self.prompt_tokens, it.plan, self.lookahead) for it in items)
+        frames = max(flow_cost_frames(self.prompt_tokens, it.plan, self.lookahead) - self.cached_frames(None, it.plan)
+                     for it in items)
+        cached = max(self.cached_frames(None, it.plan) for it in items)          # keys read from the cache
         new = [2 * ((it.plan.token_end if it.plan.final else it.plan.token_end - self.lookahead)
                     - it.plan.token_offset) for it in items]
         self.clock.run_until(self.clock.now + self.cost.encoder(len(items), self.prompt_tokens + max(
             it.plan.token_end for it in items)))
-        step = self.cost.euler_step(2 * len(items), frames, self.cached_frames)
+        step = self.cost.euler_step(2 * len(items), frames + cached, cached)
         for k in range(10):
             self.clock.run_until(self.clock.now + step)
             if between is not None and k < 9:
@@ -140,11 +148,12 @@ class Listener:
 def simulate(cfg: EngineConfig, concurrency: int, cost: CallCost, seed: int = 0, text_chars: int = 300,
              chars_per_s: float = 30.0, tokens_per_char: float = 5 / 3, ramp_s: float = 1.0,
              prompt_tokens: int = 75, llm_first_token_s: float = 0.04, llm_tokens_per_s: float | None = None,
-             max_batch: int | None = None, cached_frames: int = 0) -> dict:
+             max_batch: int | None = None) -> dict:
     """One engine_bench run in the model; returns engine_bench's headline numbers."""
     clock = VirtualTime()
     rate = llm_tokens_per_s or (300.0 if concurrency < 4 else 100.0)   # vLLM: unpaced / paced at 100 steps/s
-    sch = Scheduler(ModelRunner(clock, cost, prompt_tokens, cfg.lookahead_tokens, cached_frames),
+    prefix = min(voice_prefix_frames(prompt_tokens), cfg.prefix_cache_frames) if cfg.prefix_cache_voices > 0 else 0
+    sch = Scheduler(ModelRunner(clock, cost, prompt_tokens, cfg.lookahead_tokens, prefix),
                     SchedulerConfig(cfg.flow_frame_budget, max_batch or cfg.max_batch, cfg.urgent_frame_budget,
                                     cfg.preempt_first_chunks), clock=lambda: clock.now)
     prompt = FlowPrompt(torch.zeros(prompt_tokens, dtype=torch.long), torch.zeros(2 * prompt_tokens, 80),
@@ -214,8 +223,6 @@ def main(argv=None) -> None:
     ap.add_argument("--ramp-s", type=float, default=1.0)
     ap.add_argument("--no-batching", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cached-prompt-frames", type=int, default=0, help="what if the estimator took this many "
-                    "leading prompt frames from a per-voice cache (3 s prompt: 100 of its 150 could be)")
     args = ap.parse_args(argv)
     overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
     cfg = EngineConfig.load(args.config, **overrides)
@@ -225,7 +232,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|")
     for c in [int(x) for x in args.concurrency.split(",")]:
         r = simulate(cfg, c, cost, args.seed, ramp_s=args.ramp_s, llm_tokens_per_s=args.llm_tokens_per_s,
-                     max_batch=1 if args.no_batching else None, cached_frames=args.cached_prompt_frames)
+                     max_batch=1 if args.no_batching else None)
         late = ", ".join(f"{k}: {v}" for k, v in r["late_chunk_index"].items()) or "none"
         print(f"| {c} | {r['ttfa_p50_ms']:.0f}/{r['ttfa_p95_ms']:.0f} | {r['underruns']} "
               f"({r['streams_with_underruns']}) | {late} | {r['audio_s_per_wall_s']:.1f} | {r['mean_batch']:.1f} "

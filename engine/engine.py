@@ -57,8 +57,13 @@ class EngineConfig:
     max_batch: int = 128
     max_streams: int = 512
     cuda_graphs: bool = True
+    # Per-voice cache of the flow estimator's voice-only leading frames (engine/flow/prefix.py):
+    # voices held, and frames per voice (the released model in bf16: 2.3 MB per voice and frame).
+    prefix_cache_voices: int = 4                  # 0 = off
+    prefix_cache_frames: int = 100
     graph_rows: list[int] = field(default_factory=lambda: [2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 192, 256])
-    graph_frames: list[int] = field(default_factory=lambda: [128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048])
+    graph_frames: list[int] = field(default_factory=lambda: [64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768,
+                                                               896, 1024, 1280, 1536, 1792, 2048])
     graph_max_elements: int = 32768
     encoder_graph_rows: list[int] = field(default_factory=lambda: [1, 2, 4, 8])   # [] = no encoder graphs
     encoder_graph_tokens: list[int] = field(default_factory=lambda: [64, 128, 192, 256])
@@ -390,11 +395,18 @@ class TTSEngine:
             await self.backend.start()
         elif cfg.llm_backend != "vllm":
             await self.backend.start()
+        from engine.flow.prefix import PrefixStore, VoicePrefixCache
         from engine.streaming.runner import BatchedToken2Wav
+        prefix_cache = None
+        if cfg.prefix_cache_voices > 0 and cfg.prefix_cache_frames > 0:
+            prefix_cache = VoicePrefixCache(PrefixStore(m.flow.decoder.estimator, cfg.prefix_cache_voices,
+                                                        cfg.prefix_cache_frames, steps=10))
+            log.info("flow prefix cache: %d voices x %d frames, %.0f MB", cfg.prefix_cache_voices,
+                     prefix_cache.store.frames, prefix_cache.store.bytes / 1e6)
         hift = m.hift
         if cfg.cuda_graphs and m.device.type == "cuda":
-            hift = await asyncio.to_thread(self._install_cuda_graphs)
-        runner = BatchedToken2Wav(m.flow, hift, m.device, lookahead=cfg.lookahead_tokens)
+            hift = await asyncio.to_thread(self._install_cuda_graphs, prefix_cache)
+        runner = BatchedToken2Wav(m.flow, hift, m.device, lookahead=cfg.lookahead_tokens, prefix_cache=prefix_cache)
         self.scheduler = Scheduler(runner, SchedulerConfig(cfg.flow_frame_budget, cfg.max_batch,
                                                            cfg.urgent_frame_budget, cfg.preempt_first_chunks),
                                    m.device, hold_llm=getattr(self.backend, "hold_decode", None))
@@ -402,13 +414,15 @@ class TTSEngine:
         self.scheduler.start()
         self._ready = True
 
-    def _install_cuda_graphs(self):
+    def _install_cuda_graphs(self, prefix_cache):
         """Wrap the flow estimator (and, if configured, the flow encoder and HiFT) in their CUDA-graph
-        versions and capture every bucket now; returns the HiFT module the runner should call."""
+        versions and capture every bucket now (estimator calls through ``prefix_cache``'s store, if
+        any); returns the HiFT module the runner should call."""
         from engine.streaming.cuda_graphs import GraphedHiFT, install_graphed_encoder, install_graphed_estimator
         from engine.token2wav import SOURCE_CACHE_LEN
         cfg, m = self.config, self.models
         est = install_graphed_estimator(m.flow, cfg.graph_rows, cfg.graph_frames, cfg.graph_max_elements)
+        est.prefix_store = prefix_cache.store if prefix_cache else None
         counts = {"estimator": est.capture_all(m.device, m.flow.decoder.estimator_dtype)}
         if cfg.encoder_graph_rows:
             enc = install_graphed_encoder(m.flow, cfg.encoder_graph_rows, cfg.encoder_graph_tokens)

@@ -18,6 +18,8 @@ dropped at the start of the next step, so at most the step in flight still compu
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 import queue
 import threading
@@ -46,6 +48,14 @@ class FlowPrompt:
     def __post_init__(self):
         if self.feat.shape[0] != 2 * self.tokens.shape[0]:
             raise ValueError(f"prompt feat has {self.feat.shape[0]} frames for {self.tokens.shape[0]} tokens")
+
+    @functools.cached_property
+    def key(self) -> bytes:
+        """A hash of the contents: streams of the same voice share its flow prefix cache."""
+        h = hashlib.blake2b(digest_size=16)
+        for t in (self.tokens.to(torch.long), self.feat.to(torch.float32), self.embedding.to(torch.float32)):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.digest()
 
 
 @dataclass
@@ -82,7 +92,9 @@ class Token2WavRunner(Protocol):
 
     # Optional: ``padded_cost(streams, frames) -> int``, the stream-frames a call of ``streams`` rows
     # of at most ``frames`` frames really computes (CUDA-graph buckets; default streams × frames),
-    # and ``last_phases: dict[str, float]``, seconds per phase of the last run (kept in StepRecord).
+    # ``cached_frames(prompt, plan) -> int``, leading frames of a call that the runner does not compute
+    # (default 0), and ``last_phases: dict[str, float]``, seconds per phase of the last run (kept in
+    # StepRecord).
 
 
 @dataclass
@@ -169,6 +181,7 @@ class Scheduler:
         self.live_streams = 0
         self.error: BaseException | None = None
         self._padded_cost = getattr(runner, "padded_cost", row_padded_cost)
+        self._cached_frames = getattr(runner, "cached_frames", lambda prompt, plan: 0)
 
     # ---- commands (any thread) ----
     def start(self) -> None:
@@ -295,7 +308,8 @@ class Scheduler:
                 continue
             silent = st.clock.play_end is None
             key = deadline_key(not silent, slack, u.released_at)
-            cost = flow_cost_frames(int(st.spec.prompt.tokens.shape[0]), plan, pol.lookahead)
+            cost = (flow_cost_frames(int(st.spec.prompt.tokens.shape[0]), plan, pol.lookahead)
+                    - self._cached_frames(st.spec.prompt, plan))
             out.append(Candidate(key, cost, sid, plan, first_audio=silent))
         return out
 

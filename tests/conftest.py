@@ -32,3 +32,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def set_dir() -> Path:
+    """The golden tiny-s1 set (tests/test_golden.py says how sets are found)."""
+    from tests.test_golden import golden_sets
+    sets = golden_sets()
+    if not sets:
+        pytest.fail("no golden set found: set COSY_GOLDEN_DIRS or provide ../shared/golden")
+    return next((s for s in sets if s.name == "tiny-s1"), sets[0])
+
+
+@pytest.fixture(scope="session")
+def flow(set_dir):
+    """The golden set's flow model (float32, CPU, eval mode)."""
+    from engine.checkpoint import load_strict, read_state_dict
+    from engine.config import ModelConfig
+    from engine.flow.flow import CausalMaskedDiffWithXvec
+    model = CausalMaskedDiffWithXvec(ModelConfig.load(set_dir / "model" / "config.json").flow)
+    load_strict(model, read_state_dict(set_dir / "model" / "flow.pt"), set_dir / "model" / "flow.pt")
+    return model.eval()

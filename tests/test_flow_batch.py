@@ -11,24 +11,8 @@ import torch
 from engine.checkpoint import CheckpointError, load_strict, read_state_dict
 from engine.config import ModelConfig
 from engine.flow.flow import CausalMaskedDiffWithXvec
-from tests.test_golden import golden_sets
 
 BATCH_ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def set_dir():
-    sets = golden_sets()
-    if not sets:
-        pytest.fail("no golden set found: set COSY_GOLDEN_DIRS or provide ../shared/golden")
-    return next((s for s in sets if s.name == "tiny-s1"), sets[0])
-
-
-@pytest.fixture(scope="module")
-def flow(set_dir) -> CausalMaskedDiffWithXvec:
-    model = CausalMaskedDiffWithXvec(ModelConfig.load(set_dir / "model" / "config.json").flow)
-    load_strict(model, read_state_dict(set_dir / "model" / "flow.pt"), set_dir / "model" / "flow.pt")
-    return model.eval()
 
 
 def _stream(gen: torch.Generator, n: int, p: int, vocab: int = 6561):

@@ -113,3 +113,47 @@ def test_graphed_hift_pads_to_its_bucket_exactly(device, tiny_model_dir, one_thr
     if device == "cuda":
         upfront = GraphedHiFT(hift, rows=[2, 4], frames=[32, 64])
         assert upfront.capture_all(torch.device("cuda"), 3840) == 8
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_the_prefix_cache_changes_no_sample(device, tiny_model_dir, one_thread):
+    """Calls through a one-voice prefix cache (on CUDA: graphs captured up front, a recording graph
+    included) give the samples of the plain runner: a non-final chunk that records its voice, a call
+    of another voice run between its Euler steps (the only slot is in use: computed whole), and the
+    voice's final chunk (full-context masks: computed whole)."""
+    from engine.flow.prefix import PrefixStore, VoicePrefixCache
+    from engine.models import load_models
+    from engine.streaming.cuda_graphs import GraphedEstimator
+    from engine.streaming.runner import BatchedToken2Wav
+    m = load_models(tiny_model_dir, device, "float32", load_llm=False)
+    with torch.no_grad():    # a flat f0 (see above): the random f0 head would amplify the mels' rounding
+        m.hift.f0_predictor.classifier.weight.zero_()
+        m.hift.f0_predictor.classifier.bias.fill_(120.0)
+    rng = torch.Generator().manual_seed(3)
+    voices = [FlowPrompt(torch.randint(0, 6561, (75,), generator=rng), torch.randn(150, 80, generator=rng),
+                         torch.randn(192, generator=rng)) for _ in range(2)]
+    tokens = torch.randint(0, 6561, (40,), generator=rng)
+
+    def items(voice, n, final):
+        g = torch.Generator(device=device)
+        g.manual_seed(n)
+        return [CallItem(voices[voice], tokens[:n], ChunkPlan(n, 0, final), None, g)]
+
+    plain = BatchedToken2Wav(m.flow, m.hift, device)
+    want = [plain.run(items(0, 40, False))[0][0], plain.run(items(1, 30, False))[0][0],
+            plain.run(items(0, 40, True))[0][0]]
+
+    est = GraphedEstimator(m.flow.decoder.estimator, rows=[2, 4], frames=[128, 256], max_elements=10**6,
+                           use_graphs=device == "cuda")
+    est.prefix_store = PrefixStore(est, slots=1, frames=100, steps=10)
+    m.flow.decoder.estimator = est
+    upfront = est.capture_all(torch.device(device), torch.float32)
+    runner = BatchedToken2Wav(m.flow, m.hift, device, prefix_cache=VoicePrefixCache(est.prefix_store))
+    assert runner.cached_frames(voices[0], ChunkPlan(40, 0, False)) == 100
+    inner = []
+    first = runner.run(items(0, 40, False), between=lambda: inner or inner.append(runner.run(items(1, 30, False))))
+    got = [first[0][0], inner[0][0][0], runner.run(items(0, 40, True))[0][0]]
+    assert list(runner.prefix_cache._slots.values()) == [(0, 100)]        # voice 0 only
+    assert upfront == (4 + 2 if device == "cuda" else 0) and len(est._graphs) == upfront
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5, (i, np.abs(a - b).max())

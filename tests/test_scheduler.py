@@ -558,10 +558,12 @@ def test_graph_buckets_share_one_set_of_static_buffers():
     a time), sized by the largest bucket within max_elements."""
     from engine.streaming.cuda_graphs import GraphedEstimator
     est = GraphedEstimator(torch.nn.Identity(), rows=[2, 4, 8], frames=[128, 256], max_elements=1024)
-    a = est._static_views(8, 128, 80, 80, torch.bfloat16, torch.device("cpu"))
-    b = est._static_views(4, 256, 80, 80, torch.bfloat16, torch.device("cpu"))
+    a = est._static_views(8, 128, 80, 80, torch.bfloat16, torch.device("cpu"), prefixed=True)
+    b = est._static_views(4, 256, 80, 80, torch.bfloat16, torch.device("cpu"), prefixed=True)
     assert a["x"].shape == (8, 80, 128) and b["x"].shape == (4, 80, 256) and b["out"].shape == (4, 80, 256)
     assert a["t"].dtype == torch.float32 and a["streaming"].dtype == torch.bool and a["cond"].dtype == torch.bfloat16
+    assert a["past_rows"].dtype == torch.long and a["past_frames"].shape == (8,)
+    assert "past_rows" not in est._static_views(2, 128, 80, 80, torch.bfloat16, torch.device("cpu"), prefixed=False)
     for k in a:
         assert a[k].data_ptr() == b[k].data_ptr() and a[k].is_contiguous()
     flat = est._static[(torch.bfloat16, torch.device("cpu"))]

@@ -13,6 +13,7 @@ from torch import nn
 
 from engine.config import DecoderConfig
 from engine.flow.estimator import CausalConditionalDecoder
+from engine.flow.prefix import PrefixRecording, PrefixRows
 
 NOISE_FRAMES = 15000          # 300 s at 50 Hz
 NOISE_SEED = 0
@@ -62,7 +63,8 @@ class CausalConditionalCFM(nn.Module):
     @torch.inference_mode()
     def forward(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
                 streaming: bool | torch.Tensor = False, n_timesteps: int = 10,
-                temperature: float = 1.0, on_step: Callable[[], None] | None = None) -> torch.Tensor:
+                temperature: float = 1.0, on_step: Callable[[], None] | None = None,
+                prefix: PrefixRows | PrefixRecording | None = None) -> torch.Tensor:
         """Solve the flow ODE for a padded batch.
 
         mu, cond [B, 80, T] float32; mask [B, 1, T] (1 = valid frame); spks [B, 80]; streaming: bool or
@@ -70,10 +72,20 @@ class CausalConditionalCFM(nn.Module):
         B rows with mu/spks/cond zeroed), guided as (1+r)·v_cond − r·v_uncond with r = 0.7.
         The estimator runs in its own parameter dtype (e.g. bfloat16); the ODE state stays float32.
         ``on_step`` is called after each Euler step but the last (once its work is queued).
+        ``prefix``: row b continues the store's cached first ``prefix.frames[b]`` frames of its
+        sequence, and frame t of this call is frame ``prefix.frames[b] + t`` of it (noise included);
+        needs ``n_timesteps`` = the store's steps and temperature 1. A ``PrefixRecording`` instead
+        records the call's keys, values and conv inputs into the store.
         Returns mel [B, 80, T] float32 (padded frames hold unmodified noise).
         """
         B, _, T = mu.shape
-        x = self.noise(T, mu.device).expand(B, -1, -1) * temperature
+        if prefix is None:
+            x = self.noise(T, mu.device).expand(B, -1, -1) * temperature
+        else:
+            if n_timesteps != prefix.store.steps or temperature != 1.0:
+                raise ValueError("a cached prefix needs the store's step count and temperature 1")
+            noise = self.noise(T + max(prefix.frames), mu.device)[0]
+            x = torch.stack([noise[:, c:c + T] for c in prefix.frames])
         e_dtype = self.estimator_dtype
         zeros = torch.zeros_like
         mask_in = torch.cat([mask, mask]).to(e_dtype)
@@ -87,7 +99,8 @@ class CausalConditionalCFM(nn.Module):
         t, dt = t_span[0].unsqueeze(0), t_span[1] - t_span[0]
         for step in range(1, n_timesteps + 1):
             x_in = torch.cat([x, x]).to(e_dtype)
-            v = self.estimator(x_in, mask_in, mu_in, t.expand(2 * B), spks_in, cond_in, stream_in).float()
+            past = None if prefix is None else prefix.reader(step - 1, mu.device)
+            v = self.estimator(x_in, mask_in, mu_in, t.expand(2 * B), spks_in, cond_in, stream_in, past).float()
             v_cond, v_uncond = v[:B], v[B:]
             v = (1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond
             x = x + dt * v

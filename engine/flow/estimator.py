@@ -8,6 +8,10 @@ The forward is free of host syncs and of shapes that depend on tensor values, so
 it in a CUDA graph per (rows, frames) bucket. Rows may have different valid lengths (``mask``) and
 per-row streaming flags; valid frames of a row never depend on its padded frames (causal convs see only
 the past, padded keys are masked in attention, and inputs are multiplied by the mask before each conv).
+
+A ``prefix`` (engine.flow.prefix) lets a call continue rows whose leading frames were computed before:
+every attention layer and causal convolution then asks it for the keys, values and inputs that come
+before the call's first frame (a ``PrefixReader``), or hands it its own (a ``PrefixRecorder``).
 """
 from __future__ import annotations
 
@@ -43,13 +47,16 @@ class TimestepMLP(nn.Module):
 
 
 class CausalConv1d(nn.Conv1d):
-    """Conv1d with ``kernel_size - 1`` zeros of left padding: output frame t sees inputs <= t."""
+    """Conv1d with ``kernel_size - 1`` frames of left context (zeros, or the prefix's inputs before
+    frame 0): output frame t sees inputs <= t."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int):
         super().__init__(in_ch, out_ch, kernel_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+    def forward(self, x: torch.Tensor, prefix=None) -> torch.Tensor:
+        if prefix is None:
+            return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+        return super().forward(prefix.left_context(self, x))
 
 
 class CausalBlock1D(nn.Module):
@@ -60,9 +67,9 @@ class CausalBlock1D(nn.Module):
         # Keys "block.0" / "block.2" mirror upstream's Sequential(conv, transpose, norm, transpose, mish).
         self.block = nn.ModuleDict({"0": CausalConv1d(dim, dim_out, 3), "2": nn.LayerNorm(dim_out)})
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, prefix=None) -> torch.Tensor:
         """x [B, C, T], mask [B, 1, T] -> [B, C_out, T]."""
-        h = self.block["0"](x * mask)
+        h = self.block["0"](x * mask, prefix)
         h = self.block["2"](h.transpose(1, 2)).transpose(1, 2)
         return F.mish(h) * mask
 
@@ -75,11 +82,11 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor, prefix=None) -> torch.Tensor:
         """x [B, C, T], mask [B, 1, T], t_emb [B, time_emb_dim] -> [B, C_out, T]."""
-        h = self.block1(x, mask)
+        h = self.block1(x, mask, prefix)
         h = h + self.mlp["1"](F.mish(t_emb)).unsqueeze(-1)
-        h = self.block2(h, mask)
+        h = self.block2(h, mask, prefix)
         return h + self.res_conv(x * mask)
 
 
@@ -95,11 +102,13 @@ class SelfAttention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x [B, T, dim], bias [B, 1, T, T] additive -> [B, T, dim]."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, prefix=None) -> torch.Tensor:
+        """x [B, T, dim], bias [B, 1, T, K] additive (K = T, plus the prefix's keys) -> [B, T, dim]."""
         B, T, _ = x.shape
         q, k, v = (f(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
                    for f in (self.to_q, self.to_k, self.to_v))
+        if prefix is not None:
+            k, v = prefix.keys_values(self, k, v)
         # Under autocast q may be lower precision than the bias; SDPA wants them to match.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return self.to_out[0](out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
@@ -137,9 +146,9 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GELUFeedForward(dim, dim * ff_mult)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x [B, T, dim], bias additive [B, 1, T, T] -> [B, T, dim]."""
-        x = x + self.attn1(self.norm1(x), bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, prefix=None) -> torch.Tensor:
+        """x [B, T, dim], bias additive [B, 1, T, K] -> [B, T, dim]."""
+        x = x + self.attn1(self.norm1(x), bias, prefix)
         return x + self.ff(self.norm3(x))
 
 
@@ -169,35 +178,46 @@ class CausalConditionalDecoder(nn.Module):
         self.final_block = CausalBlock1D(ch, ch)
         self.final_proj = nn.Conv1d(ch, cfg.out_channels, 1)
 
+    def prefix_layers(self) -> tuple[list[SelfAttention], list[CausalConv1d]]:
+        """The attention layers and causal convolutions a prefix serves, in a fixed order."""
+        return ([m for m in self.modules() if isinstance(m, SelfAttention)],
+                [m for m in self.modules() if isinstance(m, CausalConv1d)])
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
-                spks: torch.Tensor, cond: torch.Tensor, streaming: bool | torch.Tensor = False) -> torch.Tensor:
+                spks: torch.Tensor, cond: torch.Tensor, streaming: bool | torch.Tensor = False,
+                prefix=None) -> torch.Tensor:
         """Velocity estimate.
 
         x, mu, cond [B, 80, T]; mask [B, 1, T] (1 = valid frame, 0 = padding); t [B] flow time in [0, 1];
         spks [B, 80]; streaming: bool, or bool [B] per row (50-frame block-causal attention).
         All float tensors in the module's dtype, except ``t`` which may stay float32 (the time embedding
         is computed in float32 and then cast). Returns [B, 80, T], zero at padded frames.
+        ``prefix``: None, or a PrefixReader/PrefixRecorder (module docstring); with a reader, rows
+        with cached frames must be streaming and their frame 0 must start a 50-frame block.
         """
         dtype = x.dtype
         t_emb = self.time_mlp(timestep_embedding(t.float(), self.cfg.in_channels).to(dtype))
         h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.size(-1)), cond], dim=1)
         allowed = attention_allowed(mask[:, 0] > 0, self.cfg.static_chunk_size, streaming)
+        past = None if prefix is None else prefix.past_allowed(x.size(-1))
+        if past is not None:
+            allowed = torch.cat([past, allowed], dim=2)
         bias = additive_bias(allowed, dtype).unsqueeze(1)
 
         def transformers(blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
             h = h.transpose(1, 2)
             for block in blocks:
-                h = block(h, bias)
+                h = block(h, bias, prefix)
             return h.transpose(1, 2)
 
         resnet, blocks, conv = self.down_blocks[0]
-        h = transformers(blocks, resnet(h, mask, t_emb))
+        h = transformers(blocks, resnet(h, mask, t_emb, prefix))
         skip = h
-        h = conv(h * mask)
+        h = conv(h * mask, prefix)
         for resnet, blocks in self.mid_blocks:
-            h = transformers(blocks, resnet(h, mask, t_emb))
+            h = transformers(blocks, resnet(h, mask, t_emb, prefix))
         resnet, blocks, conv = self.up_blocks[0]
-        h = transformers(blocks, resnet(torch.cat([h, skip], dim=1), mask, t_emb))
-        h = conv(h * mask)
-        h = self.final_block(h, mask)
+        h = transformers(blocks, resnet(torch.cat([h, skip], dim=1), mask, t_emb, prefix))
+        h = conv(h * mask, prefix)
+        h = self.final_block(h, mask, prefix)
         return self.final_proj(h * mask) * mask

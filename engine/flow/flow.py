@@ -19,6 +19,7 @@ from engine.config import FlowConfig
 from engine.flow.cfm import CausalConditionalCFM
 from engine.flow.encoder import UpsampleConformerEncoder
 from engine.flow.masks import length_mask
+from engine.flow.prefix import PrefixRecording, PrefixRows, PrefixStore, voice_prefix_frames
 from engine.tensors import upload
 
 
@@ -32,6 +33,23 @@ class FlowInputs:
     streaming: torch.Tensor         # bool [B]
     prompt_frames: list[int]        # 2·P_i
     frames: list[int]               # valid frames per row (prompt included)
+
+    def skip(self, leading: list[int]) -> "FlowInputs":
+        """The same rows without their first ``leading[i]`` frames (row i's frame t becomes t − leading[i];
+        padded to the longest remaining row)."""
+        if not any(leading):
+            return self
+        B, device = len(leading), self.mu.device
+        rest = [f - c for f, c in zip(self.frames, leading)]
+        start = torch.tensor(leading, dtype=torch.long).to(device, non_blocking=True)
+        t = start.unsqueeze(1) + torch.arange(max(rest), device=device)                  # [B, T']
+        valid = t < torch.tensor(self.frames, dtype=torch.long).to(device, non_blocking=True).unsqueeze(1)
+        idx = t.clamp(max=self.mu.size(2) - 1).unsqueeze(1)
+
+        def take(x: torch.Tensor) -> torch.Tensor:
+            return x.gather(2, idx.expand(B, x.size(1), -1))
+        return FlowInputs(take(self.mu), valid.unsqueeze(1).to(self.mask.dtype), self.spks, take(self.cond),
+                          self.streaming, [p - c for p, c in zip(self.prompt_frames, leading)], rest)
 
 
 class CausalMaskedDiffWithXvec(nn.Module):
@@ -74,7 +92,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
     def inference_batch(self, tokens: list[torch.Tensor], prompt_tokens: list[torch.Tensor],
                         prompt_feats: list[torch.Tensor], embeddings: torch.Tensor,
                         streaming: list[bool], finalize: list[bool], n_timesteps: int = 10,
-                        on_step: Callable[[], None] | None = None) -> list[torch.Tensor]:
+                        on_step: Callable[[], None] | None = None,
+                        prefix: PrefixRows | None = None) -> list[torch.Tensor]:
         """Mel for B independent streams in one encoder pass and one CFM solve.
 
         tokens[i] int [N_i] and prompt_tokens[i] int [P_i] speech-token ids (25 Hz); prompt_feats[i]
@@ -83,11 +102,41 @@ class CausalMaskedDiffWithXvec(nn.Module):
         Returns per row float32 [80, M_i] on the model's device: the frames after the prompt,
         M_i = 2·N_i if finalize else 2·(N_i − 3). Equal (up to float rounding) to separate calls.
         ``on_step`` is called between the Euler steps of the CFM solve (see ``CausalConditionalCFM``).
+        ``prefix``: row i's first ``prefix.frames[i]`` frames come from the store's slot
+        ``prefix.slots[i]``, recorded by ``record_prefix`` for this row's voice (0 frames: none;
+        streaming rows only, at most ``voice_prefix_frames(P_i)``).
         """
         inp = self.encode_batch(tokens, prompt_tokens, prompt_feats, embeddings, streaming, finalize)
+        if prefix is not None:
+            for i, c in enumerate(prefix.frames):
+                if c and (not streaming[i] or c > self.prefix_frames(int(prompt_tokens[i].numel()))):
+                    raise ValueError(f"stream {i}: {c} cached frames for a "
+                                     f"{'streaming' if streaming[i] else 'full-context'} row of "
+                                     f"{int(prompt_tokens[i].numel())} prompt tokens")
+            inp = inp.skip(prefix.frames)
         feat = self.decoder(inp.mu, inp.mask, inp.spks, inp.cond, inp.streaming, n_timesteps=n_timesteps,
-                            on_step=on_step)
+                            on_step=on_step, prefix=prefix)
         return [feat[i, :, inp.prompt_frames[i]:inp.frames[i]] for i in range(len(tokens))]
+
+    def prefix_frames(self, prompt_tokens: int) -> int:
+        """How many leading frames of a streaming call depend only on its voice (``voice_prefix_frames``)."""
+        return voice_prefix_frames(prompt_tokens, self.cfg.encoder.static_chunk_size, self.pre_lookahead_len,
+                                   self.token_mel_ratio)
+
+    @torch.inference_mode()
+    def record_prefix(self, store: PrefixStore, slot: int, prompt_tokens: torch.Tensor, prompt_feat: torch.Tensor,
+                      embedding: torch.Tensor, frames: int) -> None:
+        """Fill ``slot`` of ``store`` with the voice's first ``frames`` frames (whole 50-frame blocks, at
+        most ``prefix_frames(P)``): one streaming solve of those frames alone, recorded.
+        prompt_tokens [P] int, prompt_feat [2P, 80], embedding [192] (as ``inference_batch``)."""
+        P = int(prompt_tokens.numel())
+        if frames % self.decoder.estimator.cfg.static_chunk_size or not 0 < frames <= min(self.prefix_frames(P),
+                                                                                           store.frames):
+            raise ValueError(f"cannot record {frames} prefix frames of a {P}-token prompt")
+        inp = self.encode_batch([prompt_tokens[:0]], [prompt_tokens], [prompt_feat],
+                                embedding.reshape(1, -1), [True], [True])
+        self.decoder(inp.mu[:, :, :frames], inp.mask[:, :, :frames], inp.spks, inp.cond[:, :, :frames],
+                     inp.streaming, n_timesteps=store.steps, prefix=PrefixRecording(store, slot))
 
     @torch.inference_mode()
     def encode_batch(self, tokens: list[torch.Tensor], prompt_tokens: list[torch.Tensor],

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from engine.flow.prefix import PrefixReader, PrefixRecorder
 from engine.hift.hift import lens_tensor, row_lengths, source_cache
 from engine.hift.source import SourceNoise, draw_source_noise
 
@@ -64,6 +65,7 @@ class GraphedEstimator(nn.Module):
         self._graphs: dict[tuple, _Graph] = {}
         self._static: dict[tuple, dict[str, torch.Tensor]] = {}   # (dtype, device) -> flat buffers
         self._pool = None
+        self.prefix_store = None  # the PrefixStore that calls with a PrefixReader read (engine.flow.prefix)
         self.replays = 0          # graph replays
         self.padded_calls = 0     # bucketed calls run eagerly (above max_elements, or no graphs)
         self.eager_calls = 0      # calls outside every bucket
@@ -72,35 +74,75 @@ class GraphedEstimator(nn.Module):
     def cfg(self):
         return self.inner.cfg
 
+    def prefix_layers(self):
+        return self.inner.prefix_layers()
+
     def padded_shape(self, rows: int, frames: int) -> tuple[int, int]:
         """The (rows, frames) a call of that shape computes: its bucket, or its own shape outside them."""
         return bucket_shape(self.rows, self.frames, rows, frames)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
-                spks: torch.Tensor, cond: torch.Tensor, streaming: bool | torch.Tensor = False) -> torch.Tensor:
-        """x, mu, cond [R, 80, T]; mask [R, 1, T]; t [R]; spks [R, 80]; streaming bool or bool [R].
+                spks: torch.Tensor, cond: torch.Tensor, streaming: bool | torch.Tensor = False,
+                prefix=None) -> torch.Tensor:
+        """x, mu, cond [R, 80, T]; mask [R, 1, T]; t [R]; spks [R, 80]; streaming bool or bool [R];
+        prefix None or a PrefixReader (graphed, of ``prefix_store``), or a PrefixRecorder (eager).
         Returns the velocity [R, 80, T] (as ``CausalConditionalDecoder``)."""
         R, C, T = x.shape
+        if isinstance(prefix, PrefixRecorder):
+            return self._record(x, mask, mu, t, spks, cond, streaming, prefix)
         rb, fb = _bucket(self.rows, R), _bucket(self.frames, T)
         if rb is None or fb is None:
             self.eager_calls += 1
-            return self.inner(x, mask, mu, t, spks, cond, streaming)
+            return self.inner(x, mask, mu, t, spks, cond, streaming, prefix)
+        if prefix is not None and prefix.store is not self.prefix_store:
+            raise ValueError("the estimator's graphs read another prefix store")
         g = None
         if self.use_graphs and x.is_cuda and rb * fb <= self.max_elements:
-            key = (rb, fb, x.dtype, x.device)
+            key = (rb, fb, x.dtype, x.device, prefix is not None)
             g = self._graphs.get(key) or self._capture(key, C, spks.shape[1])
-        inp = g.inputs if g is not None else _new_inputs(rb, fb, C, spks.shape[1], x.dtype, x.device)
-        _fill(inp, R, x, mask, mu, t, spks, cond, streaming)
+        inp = g.inputs if g is not None else self._new_inputs(rb, fb, C, spks.shape[1], x.dtype, x.device,
+                                                             prefix is not None)
+        _fill(inp, R, x, mask, mu, t, spks, cond, streaming, prefix)
         if g is None:
             self.padded_calls += 1
-            out = self.inner(**inp)
+            out = self._call(inp)
         else:
             g.graph.replay()
             self.replays += 1
             out = g.out
         return out[:R, :, :T].clone()
 
-    def _static_views(self, rb: int, fb: int, channels: int, spk_dim: int, dtype, device) -> dict[str, torch.Tensor]:
+    def _record(self, x, mask, mu, t, spks, cond, streaming, recorder: PrefixRecorder) -> torch.Tensor:
+        """A recording call (engine.flow.prefix): at its own shape, as a graph per frame count."""
+        R, C, T = x.shape
+        g = None
+        if self.use_graphs and x.is_cuda and recorder.store is self.prefix_store:
+            key = ("record", R, T, x.dtype, x.device)
+            g = self._graphs.get(key) or self._capture(key, C, spks.shape[1])
+        if g is None:
+            self.eager_calls += 1
+            return self.inner(x, mask, mu, t, spks, cond, streaming, recorder)
+        _fill(g.inputs, R, x, mask, mu, t, spks, cond, streaming)
+        g.inputs["record_rows"].copy_(recorder.rows)
+        g.graph.replay()
+        self.replays += 1
+        return g.out.clone()
+
+    def _call(self, inp: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The wrapped estimator on a graph's inputs (with a reader over its prefix rows, or a recorder)."""
+        args = {k: v for k, v in inp.items() if k not in ("past_rows", "past_frames", "record_rows")}
+        if "past_rows" in inp:
+            args["prefix"] = PrefixReader(self.prefix_store, inp["past_rows"], inp["past_frames"])
+        if "record_rows" in inp:
+            args["prefix"] = PrefixRecorder(self.prefix_store, inp["record_rows"])
+        return self.inner(**args)
+
+    def _new_inputs(self, rb: int, fb: int, channels: int, spk_dim: int, dtype, device, prefixed: bool):
+        return {k: torch.zeros(shape, dtype=_DTYPES.get(k, dtype), device=device)
+                for k, shape in _shapes(rb, fb, channels, spk_dim, prefixed).items() if k != "out"}
+
+    def _static_views(self, rb: int, fb: int, channels: int, spk_dim: int, dtype, device,
+                      prefixed: bool) -> dict[str, torch.Tensor]:
         """Contiguous [rb, ·, fb] views of the flat buffers shared by every graph (and the output)."""
         flat = self._static.get((dtype, device))
         if flat is None:
@@ -108,26 +150,33 @@ class GraphedEstimator(nn.Module):
             for r in self.rows:
                 for f in self.frames:
                     if r * f <= self.max_elements:
-                        for k, shape in _shapes(r, f, channels, spk_dim).items():
+                        for k, shape in _shapes(r, f, channels, spk_dim, True).items():
                             sizes[k] = max(sizes.get(k, 0), math.prod(shape))
             flat = self._static[(dtype, device)] = {
                 k: torch.zeros(n, dtype=_DTYPES.get(k, dtype), device=device) for k, n in sizes.items()}
         return {k: flat[k][:math.prod(shape)].view(shape)
-                for k, shape in _shapes(rb, fb, channels, spk_dim).items()}
+                for k, shape in _shapes(rb, fb, channels, spk_dim, prefixed).items()}
 
     @torch.inference_mode()
     def _capture(self, key, channels: int, spk_dim: int) -> _Graph | None:
-        rb, fb, dtype, device = key
-        views = self._static_views(rb, fb, channels, spk_dim, dtype, device)
-        out_buf = views.pop("out")
-        inp = views
+        """Capture the graph of ``key``: (rows, frames, dtype, device, prefixed) for a bucket (shared
+        static buffers), or ("record", rows, frames, dtype, device) for recording (its own buffers)."""
+        if key[0] == "record":
+            _, rb, fb, dtype, device = key
+            inp = self._new_inputs(rb, fb, channels, spk_dim, dtype, device, False)
+            inp["record_rows"] = self.prefix_store.scratch_rows(device)    # (the capture runs it)
+            out_buf = torch.zeros(rb, channels, fb, dtype=dtype, device=device)
+        else:
+            rb, fb, dtype, device, prefixed = key
+            inp = self._static_views(rb, fb, channels, spk_dim, dtype, device, prefixed)
+            out_buf = inp.pop("out")
         try:
             inp["mask"].fill_(1)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             # The result is copied into the shared output buffer, so the graph keeps nothing alive in
             # the pool and later captures reuse its memory.
-            graph = capture_graph(lambda: out_buf.copy_(self.inner(**inp)), self._pool, device)
+            graph = capture_graph(lambda: out_buf.copy_(self._call(inp)), self._pool, device)
             g = self._graphs[key] = _Graph(graph, inp, out_buf)
             log.debug("captured flow estimator graph rows=%d frames=%d", rb, fb)
             return g
@@ -138,7 +187,8 @@ class GraphedEstimator(nn.Module):
             return None
 
     def capture_all(self, device: torch.device, dtype: torch.dtype, channels: int = 80, spk_dim: int = 80) -> int:
-        """Capture every bucket within ``max_elements`` now (largest first, so the pool is sized once)."""
+        """Capture every bucket within ``max_elements`` now (largest first, so the pool is sized once),
+        for calls through ``prefix_store`` when it is set, else for calls without a prefix."""
         if not self.use_graphs:
             return 0
         device = _with_index(device)
@@ -146,10 +196,16 @@ class GraphedEstimator(nn.Module):
                         key=lambda s: s[0] * s[1], reverse=True)
         n = 0
         for rb, fb in shapes:
-            if (rb, fb, dtype, device) not in self._graphs:
-                if self._capture((rb, fb, dtype, device), channels, spk_dim) is None:
+            key = (rb, fb, dtype, device, self.prefix_store is not None)
+            if key not in self._graphs:
+                if self._capture(key, channels, spk_dim) is None:
                     return n
                 n += 1
+        store = self.prefix_store
+        for frames in range(self.cfg.static_chunk_size, (store.frames if store else 0) + 1, self.cfg.static_chunk_size):
+            if self._capture(("record", 2, frames, dtype, device), channels, spk_dim) is None:
+                return n
+            n += 1
         return n
 
 
@@ -178,19 +234,17 @@ def capture_graph(fn: Callable[[], object], pool, device: torch.device) -> "torc
     return graph
 
 
-_DTYPES = {"t": torch.float32, "streaming": torch.bool}   # the other inputs: the estimator's dtype
+_DTYPES = {"t": torch.float32, "streaming": torch.bool, "past_rows": torch.long, "past_frames": torch.long}
+# (the other inputs: the estimator's dtype)
 
 
-def _shapes(rb: int, fb: int, channels: int, spk_dim: int) -> dict[str, tuple[int, ...]]:
+def _shapes(rb: int, fb: int, channels: int, spk_dim: int, prefixed: bool) -> dict[str, tuple[int, ...]]:
     """Shapes of a bucket's estimator inputs, and of its output ("out")."""
-    return {"x": (rb, channels, fb), "mask": (rb, 1, fb), "mu": (rb, channels, fb), "t": (rb,),
-            "spks": (rb, spk_dim), "cond": (rb, channels, fb), "streaming": (rb,),
-            "out": (rb, channels, fb)}
-
-
-def _new_inputs(rb: int, fb: int, channels: int, spk_dim: int, dtype, device) -> dict[str, torch.Tensor]:
-    return {k: torch.zeros(shape, dtype=_DTYPES.get(k, dtype), device=device)
-            for k, shape in _shapes(rb, fb, channels, spk_dim).items() if k != "out"}
+    shapes = {"x": (rb, channels, fb), "mask": (rb, 1, fb), "mu": (rb, channels, fb), "t": (rb,),
+              "spks": (rb, spk_dim), "cond": (rb, channels, fb), "streaming": (rb,), "out": (rb, channels, fb)}
+    if prefixed:
+        shapes.update(past_rows=(rb,), past_frames=(rb,))
+    return shapes
 
 
 def _put(buf: torch.Tensor, value: torch.Tensor | bool, rows: int, pad: int | bool = 0) -> None:
@@ -203,12 +257,16 @@ def _put(buf: torch.Tensor, value: torch.Tensor | bool, rows: int, pad: int | bo
         buf[:rows].fill_(value)
 
 
-def _fill(inp: dict[str, torch.Tensor], R: int, x, mask, mu, t, spks, cond, streaming) -> None:
-    """Copy a call's [R, ·, T] inputs into bucket buffers; everything else becomes 0 (mask 0: padding)."""
+def _fill(inp: dict[str, torch.Tensor], R: int, x, mask, mu, t, spks, cond, streaming, prefix=None) -> None:
+    """Copy a call's [R, ·, T] inputs into bucket buffers; everything else becomes 0 (mask 0: padding;
+    padded rows read no prefix)."""
     t = t.reshape(-1).expand(R) if t.numel() == 1 else t
     for name, value in (("x", x), ("mask", mask), ("mu", mu), ("cond", cond), ("t", t), ("spks", spks),
                         ("streaming", streaming)):
         _put(inp[name], value, R)
+    if prefix is not None:
+        _put(inp["past_rows"], prefix.rows, R)
+        _put(inp["past_frames"], prefix.frames, R)
 
 
 class _SmallCallGraphs(nn.Module):

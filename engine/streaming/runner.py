@@ -15,20 +15,52 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.scheduler import CallItem
-from engine.streaming.policy import row_padded_cost
+from engine.flow.prefix import PrefixRows, VoicePrefixCache
+from engine.scheduler import CallItem, FlowPrompt
+from engine.streaming.policy import ChunkPlan, row_padded_cost
 from engine.token2wav import VocodeItem, vocode_batch
 
 
 class BatchedToken2Wav:
-    """``engine.scheduler.Token2WavRunner`` over a flow (``inference_batch``) and a HiFT generator."""
+    """``engine.scheduler.Token2WavRunner`` over a flow (``inference_batch``) and a HiFT generator.
+
+    With a ``prefix_cache``, the non-final rows of a call continue their voice's cached first frames
+    (engine.flow.prefix); a voice not in the cache is recorded first, inside the call."""
 
     def __init__(self, flow, hift, device: torch.device | str = "cpu", lookahead: int = 3,
-                 token_mel_ratio: int = 2):
+                 token_mel_ratio: int = 2, prefix_cache: VoicePrefixCache | None = None):
         self.flow, self.hift = flow, hift
         self.device = torch.device(device)
         self.lookahead, self.ratio = lookahead, token_mel_ratio
+        self.prefix_cache = prefix_cache
+        self._slots_in_use: list[set[int]] = []    # per flow call in flight (a preempting call nests)
         self.last_phases: dict[str, float] = {}    # seconds per phase of the last run (PhaseTimer)
+
+    def cached_frames(self, prompt: FlowPrompt, plan: ChunkPlan) -> int:
+        """Leading flow frames of ``plan`` read from the prefix cache instead of computed."""
+        if self.prefix_cache is None or plan.final:
+            return 0
+        return min(self.flow.prefix_frames(int(prompt.tokens.shape[0])), self.prefix_cache.store.frames)
+
+    def _prefix_rows(self, items: list[CallItem]) -> PrefixRows | None:
+        """Each item's slot and cached frames, recording voices the cache lacks."""
+        if self.prefix_cache is None:
+            return None
+        slots, frames = [], []
+        in_use = set().union(*self._slots_in_use)
+        for it in items:
+            p = it.prompt
+            slot, n = 0, 0
+            if not it.plan.final:
+                slot, n = self.prefix_cache.lookup(
+                    p.key, self.cached_frames(p, it.plan), in_use,
+                    lambda slot, n: self.flow.record_prefix(self.prefix_cache.store, slot, p.tokens, p.feat,
+                                                            p.embedding.to(self.device), n))
+                if n:
+                    in_use.add(slot)
+            slots.append(slot)
+            frames.append(n)
+        return PrefixRows(self.prefix_cache.store, slots, frames)
 
     def padded_cost(self, streams: int, frames: int) -> int:
         """Stream-frames a flow call of ``streams`` streams of at most ``frames`` mel frames computes
@@ -50,14 +82,20 @@ class BatchedToken2Wav:
         if not items:
             return []
         timer = PhaseTimer(self.device)
-        mels = self.flow.inference_batch(
-            tokens=[it.tokens for it in items],
-            prompt_tokens=[it.prompt.tokens for it in items],
-            prompt_feats=[it.prompt.feat for it in items],
-            embeddings=torch.stack([it.prompt.embedding.reshape(-1) for it in items]).to(self.device),
-            streaming=[not it.plan.final for it in items],
-            finalize=[it.plan.final for it in items],
-            on_step=None if between is None else _after_gpu_catches_up(between, self.device))
+        prefix = self._prefix_rows(items)
+        self._slots_in_use.append({s for s, n in zip(prefix.slots, prefix.frames) if n} if prefix else set())
+        try:
+            mels = self.flow.inference_batch(
+                tokens=[it.tokens for it in items],
+                prompt_tokens=[it.prompt.tokens for it in items],
+                prompt_feats=[it.prompt.feat for it in items],
+                embeddings=torch.stack([it.prompt.embedding.reshape(-1) for it in items]).to(self.device),
+                streaming=[not it.plan.final for it in items],
+                finalize=[it.plan.final for it in items],
+                on_step=None if between is None else _after_gpu_catches_up(between, self.device),
+                prefix=prefix)
+        finally:
+            self._slots_in_use.pop()
         vitems = []
         for it, mel in zip(items, mels):
             new = mel[:, self.ratio * it.plan.token_offset:]

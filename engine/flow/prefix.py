@@ -1,0 +1,174 @@
+"""A per-voice cache of the flow estimator's work on the leading prompt frames of streaming calls.
+
+In a streaming (non-final) flow call, the first ``C`` mel frames depend on the voice alone: the
+encoder and the estimator attend block-causally (25 tokens = 50 frames), their convolutions are
+causal, the lookahead reaches 3 tokens ahead and the ODE starts from the same fixed noise. With ``P``
+prompt tokens, ``C = 50 · (⌊(P − 28) / 25⌋ + 1)`` (``voice_prefix_frames``) (P = 75, a 3 s prompt: 100 of its 150 frames).
+
+So for each Euler step and CFG row, the keys and values of every attention layer and the last two
+inputs of every causal convolution at those frames are the same in every streaming call of the voice.
+``PrefixStore`` keeps them on the device for a few voices (recorded once, by solving the voice's first
+``C`` frames alone); a call then computes only frames ``C..T`` of its rows and reads the rest from the
+store (``PrefixReader``). The result equals the full computation up to float rounding.
+
+Store layout, per voice slot: ``steps × 2`` CFG rows ("row ids" ``(slot · steps + step) · 2 + cfg``,
+cfg 0 = conditional, 1 = unconditional). Memory per voice and cached frame: layers × 2 × steps × 2 ×
+inner × dtype bytes (the released model in bfloat16: 56 × 2 × 10 × 2 × 512 × 2 = 2.3 MB).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def voice_prefix_frames(prompt_tokens: int, block_tokens: int = 25, lookahead: int = 3, token_mel_ratio: int = 2) -> int:
+    """Leading mel frames of a streaming flow call that depend only on a voice of ``prompt_tokens``
+    prompt tokens: whole encoder blocks (``block_tokens``, the estimator's blocks are the same frames)
+    whose last token's lookahead stays inside the prompt."""
+    blocks = (prompt_tokens - lookahead - block_tokens) // block_tokens + 1
+    return max(0, blocks) * block_tokens * token_mel_ratio
+
+
+class PrefixStore:
+    """Device tensors holding, per voice slot, Euler step and CFG row, the keys and values of each
+    attention layer at the first ``frames`` frames and the last 2 inputs of each causal k=3 conv."""
+
+    def __init__(self, estimator: nn.Module, slots: int, frames: int, steps: int):
+        attentions, convs = estimator.prefix_layers()
+        p = next(estimator.parameters())
+        n = slots * steps * 2 + 2          # + 2 scratch rows (``scratch_rows``)
+        heads, head_dim = attentions[0].heads, attentions[0].head_dim
+        block = estimator.cfg.static_chunk_size
+        frames = frames // block * block
+        self.slots, self.frames, self.steps = slots, frames, steps
+        self.attention_index = {id(m): i for i, m in enumerate(attentions)}
+        self.conv_index = {id(m): i for i, m in enumerate(convs)}
+        # [layer, key/value, row id, head, frame, head_dim]
+        self.kv = torch.zeros(len(attentions), 2, n, heads, frames, head_dim, dtype=p.dtype, device=p.device)
+        self.tails = [torch.zeros(n, c.in_channels, c.kernel_size[0] - 1, dtype=p.dtype, device=p.device)
+                      for c in convs]
+
+    def scratch_rows(self, device) -> torch.Tensor:
+        """Two row ids no voice uses (e.g. what a graph capture's warm-up runs may overwrite)."""
+        n = self.slots * self.steps * 2
+        return torch.tensor([n, n + 1], device=device)
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [self.kv, *self.tails])
+
+
+@dataclass
+class PrefixReader:
+    """Continues rows from the store: row r's frames 0.. of this call are its frames ``frames[r]``..
+    of the sequence, and the store's rows ``rows[r]`` hold what comes before (``frames[r]`` = 0: nothing).
+    Tensors only, so a CUDA graph can capture a call that reads through it."""
+    store: PrefixStore
+    rows: torch.Tensor        # long [R] row ids
+    frames: torch.Tensor      # long [R] cached frames per row, multiples of 50, <= store.frames
+
+    def keys_values(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [R, heads, T, head_dim] of this call -> [R, heads, store.frames + T, head_dim]."""
+        past = self.store.kv[self.store.attention_index[id(layer)]]
+        return (torch.cat([past[0].index_select(0, self.rows), k], dim=2),
+                torch.cat([past[1].index_select(0, self.rows), v], dim=2))
+
+    def past_allowed(self, T: int) -> torch.Tensor:
+        """bool [R, T, store.frames]: which cached keys each of this call's T queries sees."""
+        key = torch.arange(self.store.frames, device=self.frames.device) < self.frames.unsqueeze(1)
+        return key.unsqueeze(1).expand(-1, T, -1)
+
+    def left_context(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x [R, C, T] (a causal conv's input) -> [R, C, k-1+T]: the cached inputs before frame 0
+        (zeros for uncached rows, as the conv's own padding)."""
+        tail = self.store.tails[self.store.conv_index[id(conv)]].index_select(0, self.rows)
+        return torch.cat([tail * (self.frames > 0).view(-1, 1, 1).to(tail.dtype), x], dim=2)
+
+
+@dataclass
+class PrefixRecorder:
+    """Runs a voice's first frames alone (2 rows: conditional, unconditional; exactly the frames to
+    record, no padding) as a plain call and writes what later calls read into the store's ``rows``.
+    Tensors only, so a CUDA graph can capture a call that records through it."""
+    store: PrefixStore
+    rows: torch.Tensor        # long [2] row ids
+
+    def keys_values(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self.store.kv[self.store.attention_index[id(layer)]]
+        kv[0, :, :, :k.size(2)].index_copy_(0, self.rows, k)
+        kv[1, :, :, :v.size(2)].index_copy_(0, self.rows, v)
+        return k, v
+
+    def past_allowed(self, T: int) -> None:
+        return None
+
+    def left_context(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        pad = conv.kernel_size[0] - 1
+        x = torch.nn.functional.pad(x, (pad, 0))
+        self.store.tails[self.store.conv_index[id(conv)]].index_copy_(0, self.rows, x[:, :, -pad:])
+        return x
+
+
+@dataclass
+class PrefixRows:
+    """What a batched flow call of B streams takes from the store: per row its voice slot and its
+    cached frames (0 = the row is computed whole)."""
+    store: PrefixStore
+    slots: list[int]
+    frames: list[int]
+
+    def reader(self, step: int, device: torch.device) -> PrefixReader:
+        """The reader for Euler step ``step`` (0-based) over the call's 2B CFG rows."""
+        slots = torch.tensor(self.slots, dtype=torch.long)
+        rows = (slots * self.store.steps + step) * 2
+        frames = torch.tensor(self.frames, dtype=torch.long)
+        return PrefixReader(self.store, torch.cat([rows, rows + 1]).to(device, non_blocking=True),
+                            torch.cat([frames, frames]).to(device, non_blocking=True))
+
+
+@dataclass
+class PrefixRecording:
+    """A flow call of one row (a voice's first cacheable frames alone) that records into ``slot``."""
+    store: PrefixStore
+    slot: int
+    frames = (0,)               # the call starts at frame 0
+
+    def reader(self, step: int, device: torch.device) -> PrefixRecorder:
+        row = (self.slot * self.store.steps + step) * 2
+        return PrefixRecorder(self.store, torch.tensor([row, row + 1]).to(device, non_blocking=True))
+
+
+class VoicePrefixCache:
+    """Which voices the ``PrefixStore`` holds: a slot per voice key, least recently used first out.
+
+    ``record(slot, prompt)`` is the caller's: it must fill the slot (see ``CausalMaskedDiffWithXvec.
+    record_prefix``) before a call reads it."""
+
+    def __init__(self, store: PrefixStore):
+        self.store = store
+        self._slots: OrderedDict[object, tuple[int, int]] = OrderedDict()   # key -> (slot, frames)
+
+    def lookup(self, key: object, frames: int, keep: set[int], record) -> tuple[int, int]:
+        """(slot, cached frames) for the voice ``key`` whose prefix has ``frames`` voice-only frames
+        (capped to the store); records it into the least recently used slot not in ``keep`` when new.
+        Returns (0, 0) when the voice has no cacheable frame or every slot is in ``keep``."""
+        frames = min(frames, self.store.frames)
+        if frames <= 0:
+            return 0, 0
+        hit = self._slots.get(key)
+        if hit is not None:
+            self._slots.move_to_end(key)
+            return hit
+        used = {s for s, _ in self._slots.values()}
+        free = [s for s in range(self.store.slots) if s not in used]
+        if not free:
+            victim = next((k for k, (s, _) in self._slots.items() if s not in keep), None)
+            if victim is None:
+                return 0, 0
+            free = [self._slots.pop(victim)[0]]
+        record(free[0], frames)
+        self._slots[key] = (free[0], frames)
+        return free[0], frames
