@@ -41,9 +41,8 @@ class FlowInputs:
             return self
         B, device = len(leading), self.mu.device
         rest = [f - c for f, c in zip(self.frames, leading)]
-        start = torch.tensor(leading, dtype=torch.long).to(device, non_blocking=True)
-        t = start.unsqueeze(1) + torch.arange(max(rest), device=device)                  # [B, T']
-        valid = t < torch.tensor(self.frames, dtype=torch.long).to(device, non_blocking=True).unsqueeze(1)
+        t = upload(leading, torch.long, device).unsqueeze(1) + torch.arange(max(rest), device=device)  # [B, T']
+        valid = t < upload(self.frames, torch.long, device).unsqueeze(1)
         idx = t.clamp(max=self.mu.size(2) - 1).unsqueeze(1)
 
         def take(x: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,12 @@ inner × dtype bytes (the released model in bfloat16: 56 × 2 × 10 × 2 × 512 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from engine.tensors import upload
 
 
 def voice_prefix_frames(prompt_tokens: int, block_tokens: int = 25, lookahead: int = 3, token_mel_ratio: int = 2) -> int:
@@ -119,14 +121,16 @@ class PrefixRows:
     store: PrefixStore
     slots: list[int]
     frames: list[int]
+    _rows: torch.Tensor | None = field(default=None, init=False, repr=False)     # step 0's, on the device
+    _frames: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def reader(self, step: int, device: torch.device) -> PrefixReader:
         """The reader for Euler step ``step`` (0-based) over the call's 2B CFG rows."""
-        slots = torch.tensor(self.slots, dtype=torch.long)
-        rows = (slots * self.store.steps + step) * 2
-        frames = torch.tensor(self.frames, dtype=torch.long)
-        return PrefixReader(self.store, torch.cat([rows, rows + 1]).to(device, non_blocking=True),
-                            torch.cat([frames, frames]).to(device, non_blocking=True))
+        if self._rows is None:
+            first = [slot * self.store.steps * 2 for slot in self.slots]
+            self._rows = upload(first + [r + 1 for r in first], torch.long, device)
+            self._frames = upload(self.frames + self.frames, torch.long, device)
+        return PrefixReader(self.store, self._rows + 2 * step, self._frames)
 
 
 @dataclass
@@ -138,7 +142,7 @@ class PrefixRecording:
 
     def reader(self, step: int, device: torch.device) -> PrefixRecorder:
         row = (self.slot * self.store.steps + step) * 2
-        return PrefixRecorder(self.store, torch.tensor([row, row + 1]).to(device, non_blocking=True))
+        return PrefixRecorder(self.store, upload([row, row + 1], torch.long, device))
 
 
 class VoicePrefixCache:
@@ -150,6 +154,10 @@ class VoicePrefixCache:
     def __init__(self, store: PrefixStore):
         self.store = store
         self._slots: OrderedDict[object, tuple[int, int]] = OrderedDict()   # key -> (slot, frames)
+
+    def clear(self) -> None:
+        """Forget every voice (their slots are free again)."""
+        self._slots.clear()
 
     def lookup(self, key: object, frames: int, keep: set[int], record) -> tuple[int, int]:
         """(slot, cached frames) for the voice ``key`` whose prefix has ``frames`` voice-only frames

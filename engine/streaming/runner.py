@@ -110,16 +110,17 @@ class BatchedToken2Wav:
         return [(a, v.cache) for a, v in zip(audio, vitems)]
 
     @torch.inference_mode()
-    def warmup(self, prompt_tokens: int = 25, tokens: int = 40) -> None:
-        """One small batched call (first-call allocations, kernel selection, lazy caches)."""
-        dev = self.device
-        p = torch.zeros(prompt_tokens, dtype=torch.long)
-        self.flow.inference_batch([torch.zeros(tokens, dtype=torch.long)] * 2, [p, p[:0]],
-                                  [torch.zeros(2 * prompt_tokens, 80), torch.zeros(0, 80)],
-                                  torch.ones(2, 192, device=dev), [True, False], [False, True])
-        g = torch.Generator(device=dev)
+    def warmup(self, prompt_tokens: int = 75, tokens: int = 40) -> None:
+        """One small call of a silent voice, a non-final and a final chunk (first-call allocations,
+        kernel selection, lazy caches, the prefix cache's recording); the prefix cache forgets it."""
+        g = torch.Generator(device=self.device)
         g.manual_seed(0)
-        vocode_batch(self.hift, [VocodeItem(torch.zeros(80, 20, device=dev), None, False, g)])
+        voice = FlowPrompt(torch.zeros(prompt_tokens, dtype=torch.long), torch.zeros(2 * prompt_tokens, 80),
+                           torch.ones(192))
+        toks = torch.zeros(tokens, dtype=torch.long)
+        self.run([CallItem(voice, toks, ChunkPlan(tokens, 0, final), None, g) for final in (False, True)])
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
 
 def _after_gpu_catches_up(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
