@@ -387,6 +387,9 @@ class RecordingFlow:
     def __init__(self, flow):
         self.flow, self.rows = flow, []
 
+    def __getattr__(self, name):      # prefix_frames, record_prefix, ...
+        return getattr(self.flow, name)
+
     def inference_batch(self, tokens, prompt_tokens, prompt_feats, embeddings, streaming, finalize, **kw):
         mels = self.flow.inference_batch(tokens, prompt_tokens, prompt_feats, embeddings, streaming, finalize, **kw)
         for i, mel in enumerate(mels):
@@ -394,10 +397,15 @@ class RecordingFlow:
         return mels
 
 
-def _runner(flow=None, hift=None):
+def _runner(flow=None, hift=None, prefix_voices: int = 0):
+    from engine.flow.prefix import PrefixStore, VoicePrefixCache
     from engine.streaming.runner import BatchedToken2Wav
     m = _golden_models()
-    return BatchedToken2Wav(flow or m.flow, hift or m.hift)
+    flow = flow or m.flow
+    cache = None
+    if prefix_voices:
+        cache = VoicePrefixCache(PrefixStore(flow.decoder.estimator, prefix_voices, frames=100, steps=10))
+    return BatchedToken2Wav(flow, hift or m.hift, prefix_cache=cache)
 
 
 def _run_streams(runner, streams: dict, max_batch=8):
@@ -449,27 +457,38 @@ def test_scheduler_reproduces_golden_token2wav_schedule(k, name, one_thread):
     assert sum(len(c.samples) for c in chunks) == case["schedules"][name]["total_samples"]
 
 
-def _four_streams():
+def _four_streams(long_prompts: bool = False):
+    """Golden token2wav cases (prompts of 7 and 17 tokens), or with two voices of 60 and 75 random
+    prompt tokens instead (100 voice-only frames each: what the prefix cache serves)."""
     cases = _token2wav_cases()["cases"]
+    g = torch.Generator().manual_seed(5)
+    long_voices = [FlowPrompt(torch.randint(0, 6561, (p,), generator=g), torch.randn(2 * p, 80, generator=g),
+                              torch.randn(192, generator=g)) for p in (60, 75)]
     streams = {}
     for i in range(4):
         case = cases[i % 2]
         tokens = case["token"][0].long()
         if i >= 2:  # different lengths and contents from the golden ones
             tokens = torch.roll(tokens, 7 * i)[:40 + 3 * i]
-        streams[f"s{i}"] = (_case_prompt(case), tokens.tolist(), [15, 20 + i], None, 100 + i)
+        prompt = long_voices[i % 2] if long_prompts else _case_prompt(case)
+        streams[f"s{i}"] = (prompt, tokens.tolist(), [15, 20 + i], None, 100 + i)
     return streams
 
 
-def test_batching_independence_four_streams_vs_alone(one_thread):
-    streams = _four_streams()
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_batching_independence_four_streams_vs_alone(prefix_cache, one_thread):
+    """With the prefix cache too: two voices whose cached frames are read by rows of both."""
+    streams = _four_streams(long_prompts=prefix_cache)
+    voices = 2 if prefix_cache else 0
     flow = RecordingFlow(_golden_models().flow)
-    together, sch = _run_streams(_runner(flow), streams)
+    runner = _runner(flow, prefix_voices=voices)
+    together, sch = _run_streams(runner, streams)
     assert max(r.batch for r in sch.steps) == 4                 # they really shared calls
+    assert len(runner.prefix_cache._slots if prefix_cache else []) == voices
     mels_together = flow.rows
     for sid in streams:
         flow_alone = RecordingFlow(_golden_models().flow)
-        alone, sch1 = _run_streams(_runner(flow_alone), {sid: streams[sid]})
+        alone, sch1 = _run_streams(_runner(flow_alone, prefix_voices=voices), {sid: streams[sid]})
         assert all(r.batch == 1 for r in sch1.steps)
         a = np.concatenate([c.samples for c in alone[sid]])
         b = np.concatenate([c.samples for c in together[sid]])
