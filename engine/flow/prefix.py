@@ -3,7 +3,8 @@
 In a streaming (non-final) flow call, the first ``C`` mel frames depend on the voice alone: the
 encoder and the estimator attend block-causally (25 tokens = 50 frames), their convolutions are
 causal, the lookahead reaches 3 tokens ahead and the ODE starts from the same fixed noise. With ``P``
-prompt tokens, ``C = 50 · (⌊(P − 28) / 25⌋ + 1)`` (``voice_prefix_frames``) (P = 75, a 3 s prompt: 100 of its 150 frames).
+prompt tokens, ``C = 50 · (⌊(P − 28) / 25⌋ + 1)`` (``voice_prefix_frames``; P = 75, a 3 s prompt: 100
+of its 150 frames).
 
 So for each Euler step and CFG row, the keys and values of every attention layer and the last two
 inputs of every causal convolution at those frames are the same in every streaming call of the voice.

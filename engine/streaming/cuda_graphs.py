@@ -12,6 +12,8 @@ Buckets above ``max_elements`` = rows × frames are padded the same way but run 
 work outlasts the launches, and the padding keeps the set of shapes small. Calls outside every bucket
 run eagerly at their own shape. All graphs share one memory pool and one set of static input/output
 buffers (only one call runs at a time), so graph memory is that of the largest graph, not the sum.
+With a ``prefix_store`` (engine.flow.prefix), the buckets take two more inputs, each row's store row
+and cached frames (padded rows: none), and a voice's recording runs as its own graph per frame count.
 On CPU, ``use_graphs=False`` exercises the same padding path without capture (tests). A capture
 failure disables graphs for the process (with a warning); the padded eager path remains.
 """
