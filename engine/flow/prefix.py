@@ -54,9 +54,13 @@ class PrefixStore:
         self.tails = [torch.zeros(n, c.in_channels, c.kernel_size[0] - 1, dtype=p.dtype, device=p.device)
                       for c in convs]
 
+    def row(self, slot: int, step: int) -> int:
+        """The conditional CFG row id of ``slot`` at Euler step ``step`` (the unconditional is the next)."""
+        return (slot * self.steps + step) * 2
+
     def scratch_rows(self, device) -> torch.Tensor:
         """Two row ids no voice uses (e.g. what a graph capture's warm-up runs may overwrite)."""
-        n = self.slots * self.steps * 2
+        n = self.row(self.slots, 0)
         return torch.tensor([n, n + 1], device=device)
 
     @property
@@ -128,10 +132,10 @@ class PrefixRows:
     def reader(self, step: int, device: torch.device) -> PrefixReader:
         """The reader for Euler step ``step`` (0-based) over the call's 2B CFG rows."""
         if self._rows is None:
-            first = [slot * self.store.steps * 2 for slot in self.slots]
+            first = [self.store.row(slot, 0) for slot in self.slots]
             self._rows = upload(first + [r + 1 for r in first], torch.long, device)
             self._frames = upload(self.frames + self.frames, torch.long, device)
-        return PrefixReader(self.store, self._rows + 2 * step, self._frames)
+        return PrefixReader(self.store, self._rows + 2 * step, self._frames)   # = store.row(slot, step)
 
 
 @dataclass
@@ -142,14 +146,14 @@ class PrefixRecording:
     frames = (0,)               # the call starts at frame 0
 
     def reader(self, step: int, device: torch.device) -> PrefixRecorder:
-        row = (self.slot * self.store.steps + step) * 2
+        row = self.store.row(self.slot, step)
         return PrefixRecorder(self.store, upload([row, row + 1], torch.long, device))
 
 
 class VoicePrefixCache:
     """Which voices the ``PrefixStore`` holds: a slot per voice key, least recently used first out.
 
-    ``record(slot, prompt)`` is the caller's: it must fill the slot (see ``CausalMaskedDiffWithXvec.
+    ``record(slot, frames)`` is the caller's: it must fill the slot (see ``CausalMaskedDiffWithXvec.
     record_prefix``) before a call reads it."""
 
     def __init__(self, store: PrefixStore):
