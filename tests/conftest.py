@@ -34,6 +34,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def exact_convs():
+    """cuDNN convolutions in true float32 for the test: by default they run in TF32, whose rounding
+    (~1e-3) depends on the shapes, so a padded or cached call would not match the plain one."""
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    yield
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
 @pytest.fixture(scope="session")
 def set_dir() -> Path:
     """The golden tiny-s1 set (tests/test_golden.py says how sets are found)."""

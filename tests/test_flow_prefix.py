@@ -66,13 +66,15 @@ def test_prefix_rejects_what_is_not_voice_only(flow):
 
 
 def test_cache_evicts_least_recently_used_slot_not_in_use():
+    from engine.flow.estimator import SelfAttention
+
     class Est(torch.nn.Module):   # the store only needs the estimator's layer lists and dtype
         cfg = type("C", (), {"static_chunk_size": 50})
         def __init__(self):
             super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.attn = SelfAttention(1, 1, 1)
         def prefix_layers(self):
-            return [type("A", (), {"heads": 1, "head_dim": 1})()], []
+            return [self.attn], []
     cache = VoicePrefixCache(PrefixStore(Est(), slots=2, frames=100, steps=1))
     recorded = []
     rec = lambda slot, n: recorded.append(slot)  # noqa: E731

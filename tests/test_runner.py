@@ -72,7 +72,7 @@ def test_graphed_encoder_pads_to_its_bucket_exactly(device, tiny_model_dir, one_
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_graphed_hift_pads_to_its_bucket_exactly(device, tiny_model_dir, one_thread):
+def test_graphed_hift_pads_to_its_bucket_exactly(device, tiny_model_dir, one_thread, exact_convs):
     """vocode_batch through GraphedHiFT (padded to a (rows, frames) bucket; on CUDA replayed from a
     graph) gives every stream the samples and cache of the plain HiFT, first and later chunks mixed."""
     from engine.models import load_models
@@ -93,22 +93,16 @@ def test_graphed_hift_pads_to_its_bucket_exactly(device, tiny_model_dir, one_thr
         later = [VocodeItem(m[:, :9], it.cache, i == 2, gen) for i, (m, it, gen) in enumerate(zip(mels, first, gens))]
         return out1 + vocode_batch(module, later), [it.cache for it in later]
 
-    # cuDNN convolutions run in TF32 by default; their rounding (~1e-3) depends on the shapes, so the
-    # padded bucket is compared with the plain call in true float32
-    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
-    try:
-        want, want_caches = chunks(hift, 10)
-        for _ in range(2):                                  # capture (CUDA), then replay
-            got, caches = chunks(graphed, 10)
-            for a, b in zip(got, want):   # the batch tolerance of tests/test_hift_batch.py (float rounding)
-                assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4
-            for a, b in zip(caches, want_caches):
-                assert (a is None) == (b is None)
-                if a is not None:
-                    assert (a.source - b.source).abs().max().item() <= 1e-4
-                    assert np.abs(a.speech - b.speech).max() <= 1e-4
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+    want, want_caches = chunks(hift, 10)
+    for _ in range(2):                                  # capture (CUDA), then replay
+        got, caches = chunks(graphed, 10)
+        for a, b in zip(got, want):   # the batch tolerance of tests/test_hift_batch.py (float rounding)
+            assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4
+        for a, b in zip(caches, want_caches):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert (a.source - b.source).abs().max().item() <= 1e-4
+                assert np.abs(a.speech - b.speech).max() <= 1e-4
     assert graphed.replays == (4 if device == "cuda" else 0)
     if device == "cuda":
         upfront = GraphedHiFT(hift, rows=[2, 4], frames=[32, 64])
@@ -116,7 +110,7 @@ def test_graphed_hift_pads_to_its_bucket_exactly(device, tiny_model_dir, one_thr
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_the_prefix_cache_changes_no_sample(device, tiny_model_dir, one_thread):
+def test_the_prefix_cache_changes_no_sample(device, tiny_model_dir, one_thread, exact_convs):
     """Calls through a one-voice prefix cache (on CUDA: graphs captured up front, a recording graph
     included) give the samples of the plain runner: a non-final chunk that records its voice, a call
     of another voice run between its Euler steps (the only slot is in use: computed whole), and the

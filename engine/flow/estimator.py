@@ -105,10 +105,13 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor, prefix=None) -> torch.Tensor:
         """x [B, T, dim], bias [B, 1, T, K] additive (K = T, plus the prefix's keys) -> [B, T, dim]."""
         B, T, _ = x.shape
-        q, k, v = (f(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-                   for f in (self.to_q, self.to_k, self.to_v))
-        if prefix is not None:
-            k, v = prefix.keys_values(self, k, v)
+        def split_heads(y: torch.Tensor) -> torch.Tensor:
+            return y.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        q = split_heads(self.to_q(x))
+        if prefix is None:
+            k, v = split_heads(self.to_k(x)), split_heads(self.to_v(x))
+        else:
+            k, v = prefix.keys_values(self, x)
         # Under autocast q may be lower precision than the bias; SDPA wants them to match.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return self.to_out[0](out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))

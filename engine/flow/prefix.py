@@ -22,6 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.tensors import upload
@@ -45,14 +46,22 @@ class PrefixStore:
         n = slots * steps * 2 + 2          # + 2 scratch rows (``scratch_rows``)
         heads, head_dim = attentions[0].heads, attentions[0].head_dim
         block = estimator.cfg.static_chunk_size
-        frames = frames // block * block
-        self.slots, self.frames, self.steps = slots, frames, steps
+        self.slots, self.frames, self.steps = slots, frames // block * block, steps
+        # Keys per row, padded to a multiple of 16: a call's attention then spans keys + (a bucket of
+        # 32·k frames), the alignment SDPA's fused kernels want for their mask. The padding is masked.
+        self.keys = -(-self.frames // 16) * 16
         self.attention_index = {id(m): i for i, m in enumerate(attentions)}
         self.conv_index = {id(m): i for i, m in enumerate(convs)}
         # [layer, key/value, row id, head, frame, head_dim]
-        self.kv = torch.zeros(len(attentions), 2, n, heads, frames, head_dim, dtype=p.dtype, device=p.device)
-        self.tails = [torch.zeros(n, c.in_channels, c.kernel_size[0] - 1, dtype=p.dtype, device=p.device)
-                      for c in convs]
+        self.kv = torch.zeros(len(attentions), 2, n, heads, self.keys, head_dim, dtype=p.dtype, device=p.device)
+        # each layer's key and value projections as one matrix: one GEMM and one copy per layer
+        with torch.no_grad():
+            self.kv_weight = [torch.cat([m.to_k.weight, m.to_v.weight]) for m in attentions]
+        # [row id, flattened (in_channels, k-1) of each conv in turn]: read once per call (``PrefixReader``)
+        widths = [c.in_channels * (c.kernel_size[0] - 1) for c in convs]
+        ends = torch.tensor(widths).cumsum(0).tolist()
+        self.tail_spans = [(e - w, e) for w, e in zip(widths, ends)]
+        self.tails = torch.zeros(n, sum(widths), dtype=p.dtype, device=p.device)
 
     def row(self, slot: int, step: int) -> int:
         """The conditional CFG row id of ``slot`` at Euler step ``step`` (the unconditional is the next)."""
@@ -65,7 +74,14 @@ class PrefixStore:
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [self.kv, *self.tails])
+        return sum(t.numel() * t.element_size() for t in [self.kv, self.tails, *self.kv_weight])
+
+    def project(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x [R, T, dim] (an attention layer's input) -> its keys and values [2, R, heads, T, head_dim]
+        (a view)."""
+        R, T, _ = x.shape
+        kv = F.linear(x, self.kv_weight[self.attention_index[id(layer)]])
+        return kv.view(R, T, 2, layer.heads, layer.head_dim).permute(2, 0, 3, 1, 4)
 
 
 @dataclass
@@ -77,22 +93,27 @@ class PrefixReader:
     rows: torch.Tensor        # long [R] row ids
     frames: torch.Tensor      # long [R] cached frames per row, multiples of 50, <= store.frames
 
-    def keys_values(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [R, heads, T, head_dim] of this call -> [R, heads, store.frames + T, head_dim]."""
-        past = self.store.kv[self.store.attention_index[id(layer)]]
-        return (torch.cat([past[0].index_select(0, self.rows), k], dim=2),
-                torch.cat([past[1].index_select(0, self.rows), v], dim=2))
+    def __post_init__(self):
+        live = (self.frames > 0).to(self.store.tails.dtype).unsqueeze(1)    # uncached rows: zeros
+        self._tails = self.store.tails.index_select(0, self.rows) * live
+
+    def keys_values(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [R, T, dim] (the layer's input) -> keys, values [R, heads, store.keys + T, head_dim]:
+        the cached ones first."""
+        i = self.store.attention_index[id(layer)]
+        kv = torch.cat([self.store.kv[i].index_select(1, self.rows), self.store.project(layer, x)], dim=3)
+        return kv[0], kv[1]
 
     def past_allowed(self, T: int) -> torch.Tensor:
-        """bool [R, T, store.frames]: which cached keys each of this call's T queries sees."""
-        key = torch.arange(self.store.frames, device=self.frames.device) < self.frames.unsqueeze(1)
+        """bool [R, T, store.keys]: which cached keys each of this call's T queries sees."""
+        key = torch.arange(self.store.keys, device=self.frames.device) < self.frames.unsqueeze(1)
         return key.unsqueeze(1).expand(-1, T, -1)
 
     def left_context(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x [R, C, T] (a causal conv's input) -> [R, C, k-1+T]: the cached inputs before frame 0
         (zeros for uncached rows, as the conv's own padding)."""
-        tail = self.store.tails[self.store.conv_index[id(conv)]].index_select(0, self.rows)
-        return torch.cat([tail * (self.frames > 0).view(-1, 1, 1).to(tail.dtype), x], dim=2)
+        a, b = self.store.tail_spans[self.store.conv_index[id(conv)]]
+        return torch.cat([self._tails[:, a:b].view(x.size(0), x.size(1), -1), x], dim=2)
 
 
 @dataclass
@@ -103,19 +124,19 @@ class PrefixRecorder:
     store: PrefixStore
     rows: torch.Tensor        # long [2] row ids
 
-    def keys_values(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self.store.kv[self.store.attention_index[id(layer)]]
-        kv[0, :, :, :k.size(2)].index_copy_(0, self.rows, k)
-        kv[1, :, :, :v.size(2)].index_copy_(0, self.rows, v)
-        return k, v
+    def keys_values(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self.store.project(layer, x)
+        self.store.kv[self.store.attention_index[id(layer)], :, :, :, :x.size(1)].index_copy_(1, self.rows, kv)
+        return kv[0], kv[1]
 
     def past_allowed(self, T: int) -> None:
         return None
 
     def left_context(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
         pad = conv.kernel_size[0] - 1
-        x = torch.nn.functional.pad(x, (pad, 0))
-        self.store.tails[self.store.conv_index[id(conv)]].index_copy_(0, self.rows, x[:, :, -pad:])
+        x = F.pad(x, (pad, 0))
+        a, b = self.store.tail_spans[self.store.conv_index[id(conv)]]
+        self.store.tails[:, a:b].index_copy_(0, self.rows, x[:, :, -pad:].reshape(x.size(0), -1))
         return x
 
 

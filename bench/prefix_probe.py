@@ -1,0 +1,90 @@
+"""Per-call cost of the estimator with and without the voice prefix cache (eager and CUDA graphs).
+
+    python -m bench.prefix_probe --model /tmp/cosy-full --device cuda --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.flow_profile import timed  # noqa: E402
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args(argv)
+    from engine.engine import EngineConfig
+    from engine.flow.prefix import PrefixReader, PrefixStore
+    from engine.models import load_models
+    from engine.streaming.cuda_graphs import GraphedEstimator
+    m = load_models(args.model, args.device, args.dtype, load_llm=False)
+    dev = m.device
+    eager = m.flow.decoder.estimator
+    edt = m.flow.decoder.estimator_dtype
+    cfg = EngineConfig()
+    C = 100
+    store = PrefixStore(eager, 1, C, steps=10)
+    graphed = GraphedEstimator(eager, cfg.graph_rows, cfg.graph_frames, cfg.graph_max_elements, dev.type == "cuda")
+    graphed.prefix_store = store
+
+    def call(module, R, T, cached):
+        x = torch.randn(R, 80, T, device=dev, dtype=edt)
+        mask = torch.ones(R, 1, T, device=dev, dtype=edt)
+        t = torch.rand(R, device=dev)
+        spks = torch.randn(R, 80, device=dev, dtype=edt)
+        stream = torch.ones(R, dtype=torch.bool, device=dev)
+        reader = None
+        if cached is not None:
+            reader = PrefixReader(store, torch.arange(R, device=dev) % 2,
+                                  torch.full((R,), cached, dtype=torch.long, device=dev))
+        return lambda: module(x, mask, x, t, spks, x, stream, reader)
+
+    print(f"store keys per row: {store.keys}")
+    print("| rows | frames (sequence) | eager full | eager prefixed (T-100 + 100 cached) | eager prefixed, 0 cached (T) "
+          "| graph full | graph prefixed | graph prefixed, 0 cached |", flush=True)
+    with torch.inference_mode():
+        for R in (2, 16, 64):
+            for T in (160, 260, 420):
+                cells = [timed(call(eager, R, T, None), args.iters, dev),
+                         timed(call(eager, R, T - C, C), args.iters, dev),
+                         timed(call(eager, R, T, 0), args.iters, dev),
+                         timed(call(graphed, R, T, None), args.iters, dev),
+                         timed(call(graphed, R, T - C, C), args.iters, dev),
+                         timed(call(graphed, R, T, 0), args.iters, dev)]
+                print(f"| {R} | {T} | " + " | ".join(f"{c:.2f}" for c in cells) + " |", flush=True)
+        if dev.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            for name, backend in [("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
+                for cached in (None, C):
+                    try:
+                        with sdpa_kernel([backend]):
+                            ms = timed(call(eager, 16, 260 - (cached or 0), cached), args.iters, dev)
+                        print(f"sdpa {name} cached={cached}: {ms:.2f} ms", flush=True)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"sdpa {name} cached={cached}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            from torch.profiler import ProfilerActivity, profile
+            for cached in (None, C):
+                fn = call(eager, 16, 260 - (cached or 0), cached)
+                fn()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        fn()
+                    torch.cuda.synchronize()
+                print(f"eager 16 rows, cached={cached}:")
+                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
