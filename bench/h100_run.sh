@@ -7,7 +7,8 @@
 #                                  # EXTRA="--set key=yaml ..." passes engine_bench arguments
 #   bash bench/h100_run.sh profile # bench/flow_profile.py: estimator/encoder/HiFT alone (no vLLM needed);
 #                                  # PROFILE_ARGS=--compile adds the estimator under torch.compile
-#   SWEEP="label:--set key=yaml ...|label2:..." bash bench/h100_run.sh sweep
+#   bash bench/h100_run.sh probe   # bench/prefix_probe.py: an estimator step with and without the prefix cache
+#   SWEEP="label:--set key=yaml ...|label2:..." bash bench/h100_run.sh sweep   # T_VARIANT: s per variant
 #                                  # one vLLM engine_bench per variant (engine config overrides), c=$CONC
 # Expects `pip install --no-deps -e .` done (vLLM plugin entry point). Results and logs go to $OUT;
 # a background nvidia-smi sampler records whole-card memory (vLLM's engine process included).
@@ -53,6 +54,10 @@ case "$1" in
         > "$OUT/sweep-$label.log" 2>&1; echo "$label rc=$?"
       grep -A4 "^| c |" "$OUT/sweep-$label.md" | grep -E "^\| [0-9]" | sed "s/^/$label /"
     done
+    ;;
+  probe)
+    python3 -m bench.prefix_probe --model "$MODEL" > "$OUT/probe.txt" 2>&1; echo "prefix_probe rc=$?"
+    grep -E "^\||^store|^sdpa" "$OUT/probe.txt"
     ;;
   profile)
     python3 -m bench.flow_profile --model "$MODEL" --device cuda --dtype bfloat16 --out-md "$OUT/profile.md" ${PROFILE_ARGS:-} \

@@ -13,7 +13,8 @@ measurements.
 
     python -m bench.schedule_model --concurrency 1,16,64,128 [--set urgent_frame_budget=4096 ...]
 
-The voice prefix cache counts as the engine configures it (`--set prefix_cache_voices=0`: off).
+The voice prefix cache counts as the engine configures it (off by default; `--set prefix_cache_voices=4`: on;
+its per-step overhead on a card, bench/RESULTS.md, is not modelled).
 """
 from __future__ import annotations
 

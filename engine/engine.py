@@ -58,8 +58,9 @@ class EngineConfig:
     max_streams: int = 512
     cuda_graphs: bool = True
     # Per-voice cache of the flow estimator's voice-only leading frames (engine/flow/prefix.py):
-    # voices held, and frames per voice (the released model in bf16: 2.3 MB per voice and frame).
-    prefix_cache_voices: int = 4                  # 0 = off
+    # voices held, and frames per voice (the released model in bf16: 2.3 MB per voice and frame,
+    # frames stored rounded up to 16). Off until an H100 run shows it pays (bench/RESULTS.md).
+    prefix_cache_voices: int = 0                  # 0 = off
     prefix_cache_frames: int = 100
     graph_rows: list[int] = field(default_factory=lambda: [2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 192, 256])
     graph_frames: list[int] = field(default_factory=lambda: [64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768,

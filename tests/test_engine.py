@@ -111,9 +111,15 @@ def test_bistream_mode_end_to_end(tiny_model_dir, one_thread):
     assert sum(len(c.samples) for c in chunks) == expected_tokens * 960
 
 
-def test_concurrent_streams_and_modes(tiny_model_dir, one_thread):
+# one segment of more than max_chunk_tokens (100) tokens: voiced in a non-final chunk and a final one
+LONG_SENTENCE = ("A single long sentence without any pause in it that goes on and on about the weather and the "
+                 "sea and the long road home so that its speech tokens fill more than one chunk of the flow. ")
+
+
+@pytest.mark.parametrize("prefix_cache_voices", [0, 2])
+def test_concurrent_streams_and_modes(prefix_cache_voices, tiny_model_dir, one_thread):
     async def main():
-        eng = await _engine(tiny_model_dir)
+        eng = await _engine(tiny_model_dir, prefix_cache_voices=prefix_cache_voices)
         try:
             opts = [StreamOptions(voice_id="v"), StreamOptions(voice_id="v", mode="cross_lingual"),
                     StreamOptions(voice_id="v", mode="instruct2", instruct_text="Speak slowly."),
@@ -121,14 +127,17 @@ def test_concurrent_streams_and_modes(tiny_model_dir, one_thread):
                                   speed=1.25)]
             streams = [await eng.open_stream(o) for o in opts]
             for st in streams:
-                st.push_text("Short sentence number one. ")
+                st.push_text(LONG_SENTENCE)
                 st.end()
             results = await asyncio.gather(*[_collect(st) for st in streams])
-            return results, list(eng.scheduler.steps)
+            cache = eng.scheduler.runner.prefix_cache
+            return results, list(eng.scheduler.steps), cache and len(cache._slots)
         finally:
             await eng.close()
 
-    results, steps = run(main())
+    results, steps, cached_voices = run(main())
+    # both voices (2 s and 1.5 s prompts) have a 50-frame voice-only prefix; warm-up's voice is forgotten
+    assert cached_voices == (2 if prefix_cache_voices else None)
     for events in results:
         _check_audio_events(events)
     # every chunk came out of exactly one scheduler call (batching itself: tests/test_scheduler.py)

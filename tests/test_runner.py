@@ -111,10 +111,10 @@ def test_graphed_hift_pads_to_its_bucket_exactly(device, tiny_model_dir, one_thr
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_the_prefix_cache_changes_no_sample(device, tiny_model_dir, one_thread, exact_convs):
-    """Calls through a one-voice prefix cache (on CUDA: graphs captured up front, a recording graph
-    included) give the samples of the plain runner: a non-final chunk that records its voice, a call
-    of another voice run between its Euler steps (the only slot is in use: computed whole), and the
-    voice's final chunk (full-context masks: computed whole)."""
+    """Calls through a one-voice prefix cache (on CUDA: plain and prefixed graphs captured up front,
+    a recording graph included) give the samples of the plain runner: a non-final chunk that records
+    its voice, a call of another voice run between its Euler steps (the only slot is in use: computed
+    whole, without the cache) and the voice's final chunk (full-context masks: the same)."""
     from engine.flow.prefix import PrefixStore, VoicePrefixCache
     from engine.models import load_models
     from engine.streaming.cuda_graphs import GraphedEstimator
@@ -148,6 +148,7 @@ def test_the_prefix_cache_changes_no_sample(device, tiny_model_dir, one_thread, 
     first = runner.run(items(0, 40, False), between=lambda: inner or inner.append(runner.run(items(1, 30, False))))
     got = [first[0][0], inner[0][0][0], runner.run(items(0, 40, True))[0][0]]
     assert list(runner.prefix_cache._slots.values()) == [(0, 100)]        # voice 0 only
-    assert upfront == (4 + 2 if device == "cuda" else 0) and len(est._graphs) == upfront
+    assert runner._prefix_rows(items(0, 40, True)) is None                  # a final row reads nothing
+    assert upfront == (2 * 4 + 2 if device == "cuda" else 0) and len(est._graphs) == upfront
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5, (i, np.abs(a - b).max())

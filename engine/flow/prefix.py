@@ -14,10 +14,12 @@ store (``PrefixReader``). The result equals the full computation up to float rou
 
 Store layout, per voice slot: ``steps × 2`` CFG rows ("row ids" ``(slot · steps + step) · 2 + cfg``,
 cfg 0 = conditional, 1 = unconditional). Memory per voice and cached frame: layers × 2 × steps × 2 ×
-inner × dtype bytes (the released model in bfloat16: 56 × 2 × 10 × 2 × 512 × 2 = 2.3 MB).
+inner × dtype bytes (the released model in bfloat16: 56 × 2 × 10 × 2 × 512 × 2 = 2.3 MB), for
+``frames`` rounded up to 16 (``PrefixStore.keys``: 112 for 100).
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -38,7 +40,9 @@ def voice_prefix_frames(prompt_tokens: int, block_tokens: int = 25, lookahead: i
 
 class PrefixStore:
     """Device tensors holding, per voice slot, Euler step and CFG row, the keys and values of each
-    attention layer at the first ``frames`` frames and the last 2 inputs of each causal k=3 conv."""
+    attention layer at the first ``frames`` frames and the last 2 inputs of each causal k=3 conv.
+    Build it after the estimator's weights are loaded: it keeps a fused copy of the key and value
+    projections."""
 
     def __init__(self, estimator: nn.Module, slots: int, frames: int, steps: int):
         attentions, convs = estimator.prefix_layers()
@@ -59,8 +63,7 @@ class PrefixStore:
             self.kv_weight = [torch.cat([m.to_k.weight, m.to_v.weight]) for m in attentions]
         # [row id, flattened (in_channels, k-1) of each conv in turn]: read once per call (``PrefixReader``)
         widths = [c.in_channels * (c.kernel_size[0] - 1) for c in convs]
-        ends = torch.tensor(widths).cumsum(0).tolist()
-        self.tail_spans = [(e - w, e) for w, e in zip(widths, ends)]
+        self.tail_spans = [(e - w, e) for w, e in zip(widths, itertools.accumulate(widths))]
         self.tails = torch.zeros(n, sum(widths), dtype=p.dtype, device=p.device)
 
     def row(self, slot: int, step: int) -> int:

@@ -12,8 +12,10 @@ Buckets above ``max_elements`` = rows × frames are padded the same way but run 
 work outlasts the launches, and the padding keeps the set of shapes small. Calls outside every bucket
 run eagerly at their own shape. All graphs share one memory pool and one set of static input/output
 buffers (only one call runs at a time), so graph memory is that of the largest graph, not the sum.
-With a ``prefix_store`` (engine.flow.prefix), the buckets take two more inputs, each row's store row
-and cached frames (padded rows: none), and a voice's recording runs as its own graph per frame count.
+With a ``prefix_store`` (engine.flow.prefix), each bucket has a second graph for calls that read it,
+with two more inputs, each row's store row and cached frames (padded rows: none); a call that reads
+nothing uses the plain graph, which is cheaper. A voice's recording runs as its own graph per frame
+count.
 On CPU, ``use_graphs=False`` exercises the same padding path without capture (tests). A capture
 failure disables graphs for the process (with a warning); the padded eager path remains.
 """
@@ -190,7 +192,8 @@ class GraphedEstimator(nn.Module):
 
     def capture_all(self, device: torch.device, dtype: torch.dtype, channels: int = 80, spk_dim: int = 80) -> int:
         """Capture every bucket within ``max_elements`` now (largest first, so the pool is sized once),
-        for calls through ``prefix_store`` when it is set, else for calls without a prefix."""
+        for calls without a prefix and, when ``prefix_store`` is set, for calls through it and its
+        recordings. Returns the number of graphs captured."""
         if not self.use_graphs:
             return 0
         device = _with_index(device)
@@ -198,11 +201,12 @@ class GraphedEstimator(nn.Module):
                         key=lambda s: s[0] * s[1], reverse=True)
         n = 0
         for rb, fb in shapes:
-            key = (rb, fb, dtype, device, self.prefix_store is not None)
-            if key not in self._graphs:
-                if self._capture(key, channels, spk_dim) is None:
-                    return n
-                n += 1
+            for prefixed in (False, True) if self.prefix_store is not None else (False,):
+                key = (rb, fb, dtype, device, prefixed)
+                if key not in self._graphs:
+                    if self._capture(key, channels, spk_dim) is None:
+                        return n
+                    n += 1
         store = self.prefix_store
         for frames in range(self.cfg.static_chunk_size, (store.frames if store else 0) + 1, self.cfg.static_chunk_size):
             if self._capture(("record", 2, frames, dtype, device), channels, spk_dim) is None:

@@ -43,7 +43,8 @@ class BatchedToken2Wav:
         return min(self.flow.prefix_frames(int(prompt.tokens.shape[0])), self.prefix_cache.store.frames)
 
     def _prefix_rows(self, items: list[CallItem]) -> PrefixRows | None:
-        """Each item's slot and cached frames, recording voices the cache lacks."""
+        """Each item's slot and cached frames, recording voices the cache lacks; None when no row
+        reads the cache (the plain estimator graphs are cheaper)."""
         if self.prefix_cache is None:
             return None
         slots, frames = [], []
@@ -60,7 +61,7 @@ class BatchedToken2Wav:
                     in_use.add(slot)
             slots.append(slot)
             frames.append(n)
-        return PrefixRows(self.prefix_cache.store, slots, frames)
+        return PrefixRows(self.prefix_cache.store, slots, frames) if any(frames) else None
 
     def padded_cost(self, streams: int, frames: int) -> int:
         """Stream-frames a flow call of ``streams`` streams of at most ``frames`` mel frames computes
