@@ -1,6 +1,12 @@
-"""Per-call cost of the estimator with and without the voice prefix cache (eager and CUDA graphs).
+"""What the voice prefix cache (engine/flow/prefix.py) does to one estimator Euler step.
 
     python -m bench.prefix_probe --model /tmp/cosy-full --device cuda --dtype bfloat16
+
+For rows × a sequence of T frames (random inputs, streaming masks), mean ms per step, eagerly and
+through the engine's CUDA-graph buckets: computed whole; its first 100 frames read from the cache
+(T − 100 computed); and whole through the prefixed path with nothing cached (a final chunk in a call
+that reads the cache). Then the cached and uncached step under two SDPA backends, and the
+profiler's top kernels of each. Prints Markdown-ish text; bench/RESULTS.md has the H100's.
 """
 from __future__ import annotations
 
@@ -18,11 +24,13 @@ from bench.flow_profile import timed  # noqa: E402
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--rows", default="2,16,64")
+    ap.add_argument("--frames", default="160,420", help="sequence frames T (each > 100)")
     args = ap.parse_args(argv)
     from engine.engine import EngineConfig
     from engine.flow.prefix import PrefixReader, PrefixStore
@@ -44,18 +52,18 @@ def main(argv=None) -> None:
         t = torch.rand(R, device=dev)
         spks = torch.randn(R, 80, device=dev, dtype=edt)
         stream = torch.ones(R, dtype=torch.bool, device=dev)
-        reader = None
-        if cached is not None:
-            reader = PrefixReader(store, torch.arange(R, device=dev) % 2,
-                                  torch.full((R,), cached, dtype=torch.long, device=dev))
-        return lambda: module(x, mask, x, t, spks, x, stream, reader)
+        if cached is None:
+            return lambda: module(x, mask, x, t, spks, x, stream)
+        rows = torch.arange(R, device=dev) % 2          # the store's first slot, step 0, both CFG rows
+        frames = torch.full((R,), cached, dtype=torch.long, device=dev)
+        return lambda: module(x, mask, x, t, spks, x, stream, PrefixReader(store, rows, frames))
 
     print(f"store keys per row: {store.keys}")
     print("| rows | frames (sequence) | eager full | eager prefixed (T-100 + 100 cached) | eager prefixed, 0 cached (T) "
           "| graph full | graph prefixed | graph prefixed, 0 cached |", flush=True)
     with torch.inference_mode():
-        for R in (2, 16, 64):
-            for T in (160, 420):
+        for R in (int(r) for r in args.rows.split(",")):
+            for T in (int(f) for f in args.frames.split(",")):
                 cells = [timed(call(eager, R, T, None), args.iters, dev),
                          timed(call(eager, R, T - C, C), args.iters, dev),
                          timed(call(eager, R, T, 0), args.iters, dev),

@@ -85,3 +85,12 @@ def test_cache_evicts_least_recently_used_slot_not_in_use():
     assert cache.lookup("d", 100, {0, 1}, rec) == (0, 0)           # every slot in use by this call
     assert cache.lookup("e", 0, set(), rec) == (0, 0)              # nothing cacheable
     assert recorded == [0, 1, 1]
+
+
+def test_prefix_probe_runs_on_cpu(tiny_model_dir, capsys, one_thread):
+    """bench/prefix_probe.py end to end on CPU (one shape; no performance assertion)."""
+    from bench.prefix_probe import main
+    main(["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32", "--iters", "1",
+          "--rows", "2", "--frames", "160"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | 160 |")]
+    assert len(rows) == 1 and all(float(c) > 0 for c in rows[0].strip("| ").split(" | ")[2:])
