@@ -34,12 +34,31 @@ def timed(fn, iters: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1000 / iters
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """--model (a checkpoint directory), --device, --dtype and --iters (timed calls per shape)."""
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--iters", type=int, default=10)
+
+
+def estimator_call(module, rows: int, frames: int, device, dtype, prefix=None):
+    """A call of ``module`` (a flow estimator) on fixed random inputs [rows, 80, frames] of ``dtype``,
+    every row streaming; ``prefix``: None, or a function that gives the call's prefix reader (built
+    inside the call, as the engine builds one per Euler step)."""
+    x = torch.randn(rows, 80, frames, device=device, dtype=dtype)
+    mask = torch.ones(rows, 1, frames, device=device, dtype=dtype)
+    t = torch.rand(rows, device=device)
+    spks = torch.randn(rows, 80, device=device, dtype=dtype)
+    stream = torch.ones(rows, dtype=torch.bool, device=device)
+    if prefix is None:
+        return lambda: module(x, mask, x, t, spks, x, stream)
+    return lambda: module(x, mask, x, t, spks, x, stream, prefix())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(ap)
     ap.add_argument("--rows", default="2,8,32,64,128")
     ap.add_argument("--frames", default="256,512,1024")
     ap.add_argument("--out-md", default=None)
@@ -74,27 +93,22 @@ def profile(args, m) -> str:
     lines = [f"# token2wav profile: {torch.cuda.get_device_name(dev) if use_graphs else 'CPU'}, "
              f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, estimator {edt}, model {args.model}", ""]
 
-    def estimator_call(module, R, T):
-        x = torch.randn(R, 80, T, device=dev, dtype=edt)
-        mask = torch.ones(R, 1, T, device=dev, dtype=edt)
-        t = torch.rand(R, device=dev)
-        spks = torch.randn(R, 80, device=dev, dtype=edt)
-        stream = torch.ones(R, dtype=torch.bool, device=dev)
-        return lambda: module(x, mask, x, t, spks, x, stream)
+    def call(module, R, T):
+        return estimator_call(module, R, T, dev, edt)
 
     lines += ["## Estimator, one Euler step (rows = 2 per stream)", "",
               f"| rows | frames | bucketed ms (CUDA graph up to {cfg.graph_max_elements} rows x frames) | eager ms | frame-evals/s (bucketed) |", "|---|---|---|---|---|"]
     for R in [int(r) for r in args.rows.split(",")]:
         for T in [int(f) for f in args.frames.split(",")]:
-            g_ms = timed(estimator_call(est, R, T), args.iters, dev)
-            e_ms = timed(estimator_call(est_eager, R, T), max(2, args.iters // 3), dev)
+            g_ms = timed(call(est, R, T), args.iters, dev)
+            e_ms = timed(call(est_eager, R, T), max(2, args.iters // 3), dev)
             lines.append(f"| {R} | {T} | {g_ms:.2f} | {e_ms:.2f} | {R * T / g_ms * 1000:,.0f} |")
         print("\n".join(lines[-len(args.frames.split(",")):]), flush=True)
 
     if args.compile:
-        lines += compiled_estimator(est_eager, estimator_call, cfg, args.iters, dev, use_graphs)
+        lines += compiled_estimator(est_eager, call, cfg, args.iters, dev, use_graphs)
     if dev.type == "cuda":
-        lines += estimator_kernels(estimator_call(est_eager, 32, 256))
+        lines += estimator_kernels(call(est_eager, 32, 256))
 
     def flow_inputs(B, prompt_tokens, tokens):
         return ([torch.randint(0, 6561, (tokens,)) for _ in range(B)],

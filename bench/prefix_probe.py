@@ -20,15 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.flow_profile import timed  # noqa: E402
+from bench.flow_profile import add_model_args, estimator_call, timed  # noqa: E402
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--iters", type=int, default=10)
+    add_model_args(ap)
     ap.add_argument("--rows", default="2,16,64")
     ap.add_argument("--frames", default="160,420", help="sequence frames T (each > 100)")
     args = ap.parse_args(argv)
@@ -47,16 +44,11 @@ def main(argv=None) -> None:
     graphed.prefix_store = store
 
     def call(module, R, T, cached):
-        x = torch.randn(R, 80, T, device=dev, dtype=edt)
-        mask = torch.ones(R, 1, T, device=dev, dtype=edt)
-        t = torch.rand(R, device=dev)
-        spks = torch.randn(R, 80, device=dev, dtype=edt)
-        stream = torch.ones(R, dtype=torch.bool, device=dev)
         if cached is None:
-            return lambda: module(x, mask, x, t, spks, x, stream)
+            return estimator_call(module, R, T, dev, edt)
         rows = torch.arange(R, device=dev) % 2          # the store's first slot, step 0, both CFG rows
         frames = torch.full((R,), cached, dtype=torch.long, device=dev)
-        return lambda: module(x, mask, x, t, spks, x, stream, PrefixReader(store, rows, frames))
+        return estimator_call(module, R, T, dev, edt, lambda: PrefixReader(store, rows, frames))
 
     print(f"store keys per row: {store.keys}")
     print("| rows | frames (sequence) | eager full | eager prefixed (T-100 + 100 cached) | eager prefixed, 0 cached (T) "
