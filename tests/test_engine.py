@@ -111,7 +111,8 @@ def test_bistream_mode_end_to_end(tiny_model_dir, one_thread):
     assert sum(len(c.samples) for c in chunks) == expected_tokens * 960
 
 
-# one segment of more than max_chunk_tokens (100) tokens: voiced in a non-final chunk and a final one
+# one segment of 92 tokens, more than a stream's first chunk takes (first_chunk_max_tokens: 30), so its
+# first chunk is a non-final one (which the prefix cache serves)
 LONG_SENTENCE = ("A single long sentence without any pause in it that goes on and on about the weather and the "
                  "sea and the long road home so that its speech tokens fill more than one chunk of the flow. ")
 
