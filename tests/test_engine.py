@@ -111,8 +111,8 @@ def test_bistream_mode_end_to_end(tiny_model_dir, one_thread):
     assert sum(len(c.samples) for c in chunks) == expected_tokens * 960
 
 
-# one segment of 92 tokens, more than a stream's first chunk takes (first_chunk_max_tokens: 30), so its
-# first chunk is a non-final one (which the prefix cache serves)
+# its first segment has 30 tokens; a stream's first chunk voices 15 of them (first_chunk_max_tokens=15 below:
+# exactly 15, however many the LLM has produced by then), so it is a non-final chunk, which the prefix cache serves
 LONG_SENTENCE = ("A single long sentence without any pause in it that goes on and on about the weather and the "
                  "sea and the long road home so that its speech tokens fill more than one chunk of the flow. ")
 
@@ -120,7 +120,7 @@ LONG_SENTENCE = ("A single long sentence without any pause in it that goes on an
 @pytest.mark.parametrize("prefix_cache_voices", [0, 2])
 def test_concurrent_streams_and_modes(prefix_cache_voices, tiny_model_dir, one_thread):
     async def main():
-        eng = await _engine(tiny_model_dir, prefix_cache_voices=prefix_cache_voices)
+        eng = await _engine(tiny_model_dir, prefix_cache_voices=prefix_cache_voices, first_chunk_max_tokens=15)
         try:
             opts = [StreamOptions(voice_id="v"), StreamOptions(voice_id="v", mode="cross_lingual"),
                     StreamOptions(voice_id="v", mode="instruct2", instruct_text="Speak slowly."),
