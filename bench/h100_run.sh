@@ -9,6 +9,7 @@
 #                                  # PROFILE_ARGS=--compile adds the estimator under torch.compile
 #   bash bench/h100_run.sh probe   # bench/prefix_probe.py: an estimator step with and without the prefix cache
 #   SWEEP="label:--set key=yaml ...|label2:..." bash bench/h100_run.sh sweep   # T_VARIANT: s per variant
+#                                  # (default 300; vLLM start + graph capture alone took over 150 s)
 #                                  # one vLLM engine_bench per variant (engine config overrides), c=$CONC
 # Expects `pip install --no-deps -e .` done (vLLM plugin entry point). Results and logs go to $OUT;
 # a background nvidia-smi sampler records whole-card memory (vLLM's engine process included).
