@@ -57,7 +57,6 @@ class EngineConfig:
     max_batch: int = 128
     max_streams: int = 512
     cuda_graphs: bool = True
-    compile_estimator: bool = False               # torch.compile the estimator inside its CUDA graphs (CUDA only)
     # Per-voice cache of the flow estimator's voice-only leading frames (engine/flow/prefix.py):
     # voices held, and frames per voice (the released model in bf16: 2.3 MB per voice and frame,
     # frames stored rounded up to 16). Off until an H100 run shows it pays (bench/RESULTS.md).
@@ -423,8 +422,7 @@ class TTSEngine:
         from engine.streaming.cuda_graphs import GraphedHiFT, install_graphed_encoder, install_graphed_estimator
         from engine.token2wav import SOURCE_CACHE_LEN
         cfg, m = self.config, self.models
-        est = install_graphed_estimator(m.flow, cfg.graph_rows, cfg.graph_frames, cfg.graph_max_elements,
-                                        compile_estimator=cfg.compile_estimator)
+        est = install_graphed_estimator(m.flow, cfg.graph_rows, cfg.graph_frames, cfg.graph_max_elements)
         est.prefix_store = prefix_cache.store if prefix_cache else None
         counts = {"estimator": est.capture_all(m.device, m.flow.decoder.estimator_dtype)}
         if cfg.encoder_graph_rows:

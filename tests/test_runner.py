@@ -152,30 +152,3 @@ def test_the_prefix_cache_changes_no_sample(device, tiny_model_dir, one_thread, 
     assert upfront == (2 * 4 + 2 if device == "cuda" else 0) and len(est._graphs) == upfront
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5, (i, np.abs(a - b).max())
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="compile_estimator is a CUDA option")
-def test_compiled_estimator_graphs_match_the_plain_ones(tiny_model_dir, exact_convs):
-    """``compile_estimator``: buckets captured from the torch.compile'd estimator give the plain
-    graphs' velocity for mixed row lengths and streaming flags, across both compilations (Dynamo
-    specialises once on the row count) and without a capture after ``capture_all``."""
-    from engine.models import load_models
-    from engine.streaming.cuda_graphs import GraphedEstimator
-    m = load_models(tiny_model_dir, "cuda", "float32", load_llm=False)
-    plain = GraphedEstimator(m.flow.decoder.estimator, rows=[2, 16], frames=[64, 256], max_elements=10**6)
-    compiled = GraphedEstimator(m.flow.decoder.estimator, rows=[2, 16], frames=[64, 256], max_elements=10**6)
-    compiled.compile_buckets()
-    dev = torch.device("cuda")
-    assert plain.capture_all(dev, torch.float32) == compiled.capture_all(dev, torch.float32) == 4
-    rng = torch.Generator(device=dev).manual_seed(0)
-    for rows, frames in [(2, 50), (3, 200), (16, 64), (9, 256)]:
-        x, mu, cond = (torch.randn(rows, 80, frames, device=dev, generator=rng) for _ in range(3))
-        mask = (torch.arange(frames, device=dev) < torch.randint(1, frames + 1, (rows, 1), device=dev,
-                                                                   generator=rng)).float().unsqueeze(1)
-        t, spks = torch.rand(rows, device=dev, generator=rng), torch.randn(rows, 80, device=dev, generator=rng)
-        streaming = torch.arange(rows, device=dev) % 2 == 0
-        with torch.inference_mode():
-            want = plain(x, mask, mu, t, spks, cond, streaming)
-            got = compiled(x, mask, mu, t, spks, cond, streaming)
-        assert (got - want).abs().max().item() <= 1e-4, (rows, frames)
-    assert len(compiled._graphs) == 4 and compiled.replays == 4

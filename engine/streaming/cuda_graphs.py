@@ -70,7 +70,6 @@ class GraphedEstimator(nn.Module):
         self._static: dict[tuple, dict[str, torch.Tensor]] = {}   # (dtype, device) -> flat buffers
         self._pool = None
         self.prefix_store = None  # the PrefixStore that calls with a PrefixReader read (engine.flow.prefix)
-        self.compiled = None      # torch.compile'd estimator forward for bucketed calls without a prefix
         self.replays = 0          # graph replays
         self.padded_calls = 0     # bucketed calls run eagerly (above max_elements, or no graphs)
         self.eager_calls = 0      # calls outside every bucket
@@ -140,15 +139,7 @@ class GraphedEstimator(nn.Module):
             args["prefix"] = PrefixReader(self.prefix_store, inp["past_rows"], inp["past_frames"])
         if "record_rows" in inp:
             args["prefix"] = PrefixRecorder(self.prefix_store, inp["record_rows"])
-        if self.compiled is not None and "prefix" not in args:
-            return self.compiled(**args)
         return self.inner(**args)
-
-    def compile_buckets(self) -> None:
-        """Run bucketed calls without a prefix through ``torch.compile`` (dynamic shapes: one
-        compilation serves every bucket; Inductor fuses the elementwise chains between the GEMMs).
-        Call before ``capture_all``; the first captures then compile."""
-        self.compiled = torch.compile(self.inner.forward, dynamic=True)
 
     def _new_inputs(self, rb: int, fb: int, channels: int, spk_dim: int, dtype, device, prefixed: bool):
         return {k: torch.zeros(shape, dtype=_DTYPES.get(k, dtype), device=device)
@@ -476,15 +467,12 @@ class GraphedHiFT(_SmallCallGraphs):
 
 
 def install_graphed_estimator(flow: nn.Module, rows: list[int], frames: list[int], max_elements: int,
-                              use_graphs: bool = True, compile_estimator: bool = False) -> GraphedEstimator:
+                              use_graphs: bool = True) -> GraphedEstimator:
     """Replace ``flow.decoder.estimator`` by a ``GraphedEstimator`` around it (after loading weights and
-    choosing the estimator dtype; the flow's state-dict keys then carry an ``inner.`` level).
-    ``compile_estimator``: bucketed calls run through ``torch.compile`` (``GraphedEstimator.compile_buckets``)."""
+    choosing the estimator dtype; the flow's state-dict keys then carry an ``inner.`` level)."""
     est = flow.decoder.estimator
     if isinstance(est, GraphedEstimator):
         return est
     wrapped = GraphedEstimator(est, rows, frames, max_elements, use_graphs)
-    if compile_estimator:
-        wrapped.compile_buckets()
     flow.decoder.estimator = wrapped
     return wrapped
