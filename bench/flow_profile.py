@@ -210,5 +210,6 @@ def compiled_estimator(est_eager, est_graphed, estimator_call, cfg, iters: int, 
         print(lines[-1], flush=True)
     return lines
 
+
 if __name__ == "__main__":
     main()
