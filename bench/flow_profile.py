@@ -108,7 +108,7 @@ def profile(args, m) -> str:
     if args.compile:
         lines += compiled_estimator(est_eager, est, call, cfg, args.iters, dev, use_graphs)
     if dev.type == "cuda":
-        lines += estimator_kernels(call(est_eager, 32, 256))
+        lines += estimator_kernels(call(est_eager, 32, 256), "Estimator kernels, eager, 32 rows x 256 frames")
 
     def flow_inputs(B, prompt_tokens, tokens):
         return ([torch.randint(0, 6561, (tokens,)) for _ in range(B)],
@@ -173,8 +173,9 @@ def profile(args, m) -> str:
     return "\n".join(lines)
 
 
-def estimator_kernels(call, steps: int = 3) -> list[str]:
-    """Markdown: torch.profiler's top CUDA kernels of ``steps`` eager estimator calls (``call``)."""
+def estimator_kernels(call, title: str, steps: int = 3) -> list[str]:
+    """Markdown: ``title`` and torch.profiler's top CUDA kernels of ``steps`` calls of ``call`` (one
+    warm-up call first)."""
     from torch.profiler import ProfilerActivity, profile
     call()
     torch.cuda.synchronize()
@@ -182,7 +183,7 @@ def estimator_kernels(call, steps: int = 3) -> list[str]:
         for _ in range(steps):
             call()
         torch.cuda.synchronize()
-    return ["", f"## Estimator kernels, eager, 32 rows x 256 frames ({steps} Euler steps)", "", "```",
+    return ["", f"## {title} ({steps} calls)", "", "```",
             prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70),
             "```"]
 

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.flow_profile import add_model_args, estimator_call, timed  # noqa: E402
+from bench.flow_profile import add_model_args, estimator_call, estimator_kernels, timed  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -73,17 +73,9 @@ def main(argv=None) -> None:
                         print(f"sdpa {name} cached={cached}: {ms:.2f} ms", flush=True)
                     except Exception as e:  # noqa: BLE001
                         print(f"sdpa {name} cached={cached}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            from torch.profiler import ProfilerActivity, profile
             for cached in (None, C):
-                fn = call(eager, 16, 260 - (cached or 0), cached)
-                fn()
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(3):
-                        fn()
-                    torch.cuda.synchronize()
-                print(f"eager 16 rows, cached={cached}:")
-                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60))
+                print("\n".join(estimator_kernels(call(eager, 16, 260 - (cached or 0), cached),
+                                                   f"eager 16 rows, cached={cached}")), flush=True)
 
 
 if __name__ == "__main__":
