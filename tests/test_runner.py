@@ -78,10 +78,7 @@ def test_graphed_hift_pads_to_its_bucket_exactly(device, tiny_model_dir, one_thr
     from engine.models import load_models
     from engine.streaming.cuda_graphs import GraphedHiFT
     from engine.token2wav import VocodeItem, vocode_batch
-    hift = load_models(tiny_model_dir, device, "float32", load_llm=False).hift
-    with torch.no_grad():   # a flat 120 Hz f0, as tests/test_hift_batch.py: the random f0 head's huge
-        hift.f0_predictor.classifier.weight.zero_()           # f0 would amplify float rounding
-        hift.f0_predictor.classifier.bias.fill_(120.0)
+    hift = flat_f0(load_models(tiny_model_dir, device, "float32", load_llm=False).hift)
     graphed = GraphedHiFT(hift, rows=[2, 4], frames=[32, 64], use_graphs=device == "cuda")
     g = torch.Generator().manual_seed(2)
     mels = [(torch.randn(80, n, generator=g) * 2 - 4).to(device) for n in (20, 37, 12)]
@@ -120,9 +117,7 @@ def test_the_prefix_cache_changes_no_sample(device, tiny_model_dir, one_thread, 
     from engine.streaming.cuda_graphs import GraphedEstimator
     from engine.streaming.runner import BatchedToken2Wav
     m = load_models(tiny_model_dir, device, "float32", load_llm=False)
-    with torch.no_grad():    # a flat f0 (see above): the random f0 head would amplify the mels' rounding
-        m.hift.f0_predictor.classifier.weight.zero_()
-        m.hift.f0_predictor.classifier.bias.fill_(120.0)
+    flat_f0(m.hift)
     rng = torch.Generator().manual_seed(3)
     voices = [FlowPrompt(torch.randint(0, 6561, (75,), generator=rng), torch.randn(150, 80, generator=rng),
                          torch.randn(192, generator=rng)) for _ in range(2)]
@@ -152,3 +147,12 @@ def test_the_prefix_cache_changes_no_sample(device, tiny_model_dir, one_thread, 
     assert upfront == (2 * 4 + 2 if device == "cuda" else 0) and len(est._graphs) == upfront
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5, (i, np.abs(a - b).max())
+
+
+def flat_f0(hift):
+    """``hift`` with a flat 120 Hz f0 (as tests/test_hift_batch.py): the random f0 head's huge f0 would
+    amplify float rounding into phase differences."""
+    with torch.no_grad():
+        hift.f0_predictor.classifier.weight.zero_()
+        hift.f0_predictor.classifier.bias.fill_(120.0)
+    return hift
