@@ -25,6 +25,10 @@ speech at 15 characters per second, a typical English speaking rate).
 per flow/HiFT call (``max_batch=1``, like the seed project). Every run is bounded by ``--max-run-s``;
 streams still running then are cancelled and counted as unfinished. Results: JSON and a Markdown
 table (also printed last).
+
+``--variant LABEL=YAML`` (repeatable) runs the whole plan once per variant, each on a fresh engine with
+those config overrides; variants with the same LLM settings share the LLM backend, so an A/B of
+flow/HiFT/scheduler settings pays vLLM's start (~2 min on an H100) once.
 """
 from __future__ import annotations
 
@@ -170,10 +174,15 @@ class LLMTimes:
     when its first ``first_chunk`` tokens had arrived (what the first flow call waits for)."""
 
     def __init__(self, backend, first_chunk: int):
+        self.backend, self._generate = backend, backend.generate
+        backend.generate = self.generate
+        self.reset(first_chunk)
+
+    def reset(self, first_chunk: int) -> None:
+        """Forget every request (a new engine on the same backend numbers its streams anew)."""
         self.submitted: dict[str, float] = {}
         self.tokens_ready: dict[str, float] = {}
-        self._generate, self.first_chunk = backend.generate, first_chunk
-        backend.generate = self.generate
+        self.first_chunk = first_chunk
 
     async def generate(self, req):
         self.submitted[req.request_id] = time.monotonic()
@@ -295,17 +304,22 @@ def fmt(v, scale=1.0, digits=0):
 
 
 def markdown(meta: dict, runs: list[dict]) -> str:
+    variants = any("variant" in r for r in runs)
+    head, rule = ("| variant " if variants else "") + "| c | batching | ", ("|---" if variants else "") + "|---|---|"
+
+    def run_key(r: dict) -> str:
+        return (f"| {r.get('variant', '')} " if variants else "") + f"| {r['concurrency']} | {'yes' if r['batching'] else 'no'} | "
+
     lines = [f"Engine benchmark, {meta['date']}, {meta['device_name']} ({meta['device']}, flow dtype "
              f"{meta['dtype']}, LLM {meta['llm']}, input {meta['input_mode']}), model {meta['model']}; "
              f"text {meta['chars_per_s']} chars/s, {meta['text_chars']} chars/stream, "
              f"{meta['tokens_per_char']:.3f} speech tokens/char.", "",
-             "| c | batching | TTFA release p50/p95 (ms) | TTFA all segs p95 (ms) | TTFA 1st fragment p50 (ms) "
+             head + "TTFA release p50/p95 (ms) | TTFA all segs p95 (ms) | TTFA 1st fragment p50 (ms) "
              "| slack p5 (ms) | underruns (streams) | RTF p50 | audio s / wall s | mean batch | step / flow / HiFT ms | finished | peak GPU GiB alloc/reserved |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             rule + "---|" * 11]
     for r in runs:
         lines.append(
-            f"| {r['concurrency']} | {'yes' if r['batching'] else 'no'} "
-            f"| {fmt(r['ttfa_from_release_first_segment_p50_s'], 1e3)}/{fmt(r['ttfa_from_release_first_segment_p95_s'], 1e3)} "
+            run_key(r) + f"{fmt(r['ttfa_from_release_first_segment_p50_s'], 1e3)}/{fmt(r['ttfa_from_release_first_segment_p95_s'], 1e3)} "
             f"| {fmt(r['ttfa_from_release_all_segments_p95_s'], 1e3)} "
             f"| {fmt(r['ttfa_from_first_fragment_p50_s'], 1e3)} | {fmt(r['slack_p5_s'], 1e3)} "
             f"| {r['underruns']} ({r['streams_with_underruns']}) | {fmt(r['rtf_p50'], 1, 2)} "
@@ -315,17 +329,21 @@ def markdown(meta: dict, runs: list[dict]) -> str:
             f"| {r.get('peak_gpu_memory_gib', '-')}/{r.get('peak_gpu_reserved_gib', '-')} |")
     lines += ["", "First audio of each stream's first segment, p50 ms per stage: release -> LLM request "
               "submitted -> first-chunk tokens in -> flow/HiFT step starts -> step ends -> audio seen.", "",
-              "| c | batching | " + " | ".join(s.replace("_", " ") for s in TIMELINE) + " |",
-              "|---|---|" + "---|" * len(TIMELINE)]
+              head + " | ".join(s.replace("_", " ") for s in TIMELINE) + " |",
+              rule + "---|" * len(TIMELINE)]
     for r in runs:
-        lines.append(f"| {r['concurrency']} | {'yes' if r['batching'] else 'no'} | "
-                     + " | ".join(fmt(r.get(f"first_chunk_{k}_p50_s"), 1e3) for k in TIMELINE) + " |")
+        lines.append(run_key(r) + " | ".join(fmt(r.get(f"first_chunk_{k}_p50_s"), 1e3) for k in TIMELINE) + " |")
     return "\n".join(lines) + "\n"
 
 
+# Config keys that define the LLM backend: variants that agree on them share one (vLLM starts once).
+BACKEND_KEYS = ("llm_backend", "model_dir", "device", "dtype", "vllm")
+
+
 async def bench(args) -> tuple[dict, list[dict]]:
-    from engine.engine import DEFAULT_CONFIG, EngineConfig, TTSEngine
-    from engine.tools.synthesize import synthetic_prompt_wav
+    """Every run of ``args`` (its concurrencies, then the baselines) once per ``--variant``; each
+    variant is a fresh engine, on the previous variant's LLM backend when they share it."""
+    from engine.engine import DEFAULT_CONFIG, EngineConfig
     overrides = dict(model_dir=str(args.model), device=args.device, dtype=args.dtype, llm_backend=args.llm,
                      seed=args.seed, fixed_tokens_per_char=args.tokens_per_char)
     if args.max_batch:
@@ -336,46 +354,113 @@ async def bench(args) -> tuple[dict, list[dict]]:
         overrides["urgent_frame_budget"] = args.urgent_budget or None
     if args.no_cuda_graphs:
         overrides["cuda_graphs"] = False
-    for item in args.set:        # KEY=YAML, e.g. max_chunk_tokens=200 or 'vllm={logits_processor: false}'
-        import yaml
+    overrides.update(parse_settings(args.set))
+    meta, runs, backend, backend_key, llm_times = None, [], None, None, None
+    done: collections.Counter = collections.Counter()   # runs per (concurrency, batching) so far
+    try:
+        for label, variant in args.variant or [("", {})]:
+            cfg = EngineConfig.load(args.config or DEFAULT_CONFIG, **{**overrides, **variant})
+            key = [getattr(cfg, k) for k in BACKEND_KEYS]
+            if backend is not None and key != backend_key:
+                await backend.close()
+                backend = None
+            engine, load_s = await start_engine(cfg, backend, args.prompt_s)
+            backend, backend_key = engine.backend, key
+            args.cuda = engine.models.device.type == "cuda"
+            first_chunk = cfg.first_chunk_tokens + cfg.lookahead_tokens
+            if llm_times is None or llm_times.backend is not backend:
+                llm_times = LLMTimes(backend, first_chunk)
+            llm_times.reset(first_chunk)
+            try:
+                if meta is None:
+                    meta = bench_meta(args, engine, cfg, load_s)
+                if label:
+                    meta.setdefault("variants", {})[label] = {"overrides": variant, "load_s": round(load_s, 1)}
+                runs += await variant_runs(engine, args, llm_times, label, done)
+            finally:
+                await engine.close(keep_backend=True)
+                del engine
+                free_device_memory(args.cuda)
+    finally:
+        if backend is not None:
+            await backend.close()
+    return meta, runs
+
+
+def parse_settings(items: list[str]) -> dict:
+    """``KEY=YAML`` items (``--set``) as engine config overrides."""
+    import yaml
+    out = {}
+    for item in items:        # e.g. max_chunk_tokens=200 or 'vllm={logits_processor: false}'
         key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    cfg = EngineConfig.load(args.config or DEFAULT_CONFIG, **overrides)
-    engine = TTSEngine(cfg)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def parse_variant(item: str) -> tuple[str, dict]:
+    """``LABEL=YAML mapping`` (``--variant``), e.g. ``cache={prefix_cache_voices: 4}``."""
+    import yaml
+    label, _, value = item.partition("=")
+    overrides = yaml.safe_load(value) if value.strip() else {}
+    if not label or not isinstance(overrides, dict):
+        raise argparse.ArgumentTypeError(f"--variant wants LABEL={{key: value, ...}}, got {item!r}")
+    return label, overrides
+
+
+async def start_engine(cfg, backend, prompt_s: float):
+    """A started TTSEngine (on ``backend`` if given) with the benchmark voice; and its start seconds."""
+    from engine.engine import TTSEngine
+    from engine.tools.synthesize import synthetic_prompt_wav
+    engine = TTSEngine(cfg, backend=backend)
     t0 = time.monotonic()
     await engine.start()
     load_s = time.monotonic() - t0
-    args.cuda = engine.models.device.type == "cuda"
-    llm_times = LLMTimes(engine.backend, cfg.first_chunk_tokens + cfg.lookahead_tokens)
     await engine.register_voice("bench", "This is the prompt of the benchmark voice.",
-                                synthetic_prompt_wav(args.prompt_s), overwrite=True)
+                                synthetic_prompt_wav(prompt_s), overwrite=True)
+    return engine, load_s
+
+
+def bench_meta(args, engine, cfg, load_s: float) -> dict:
     device_name = platform.processor() or "cpu"
     if args.cuda:
         import torch
         device_name = torch.cuda.get_device_name(engine.models.device)
-    meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device_name": device_name,
+    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device_name": device_name,
             "device": str(engine.models.device), "dtype": cfg.dtype, "llm": cfg.llm_backend, "model": str(args.model),
             "input_mode": args.input_mode, "chars_per_s": args.chars_per_s, "text_chars": args.text_chars,
             "tokens_per_char": args.tokens_per_char, "prompt_s": args.prompt_s, "load_s": round(load_s, 1),
             "max_run_s": args.max_run_s, "config": asdict(cfg)}
+
+
+async def variant_runs(engine, args, llm_times: LLMTimes, label: str, done: collections.Counter) -> list[dict]:
+    """The warm-up, then each measured run of the plan on ``engine``, tagged ``variant: label``.
+    ``done`` counts the runs of each (concurrency, batching) of earlier variants too, so that no run
+    repeats the texts of another (vLLM's prefix cache would skip their prefill)."""
+    if args.warmup:
+        await run_once(engine, min(4, max(args.concurrency)), True, argparse.Namespace(
+            **{**vars(args), "text_chars": 30, "max_run_s": min(30.0, args.max_run_s)}), "bench", llm_times)
     runs = []
-    try:
-        if args.warmup:
-            await run_once(engine, min(4, max(args.concurrency)), True, argparse.Namespace(
-                **{**vars(args), "text_chars": 30, "max_run_s": min(30.0, args.max_run_s)}), "bench", llm_times)
-        plan = [(c, True) for c in args.concurrency]
-        if args.no_batching:
-            plan += [(c, False) for c in args.baseline_concurrency]
-        for i, (c, batching) in enumerate(plan):
-            r = await run_once(engine, c, batching, args, "bench", llm_times, plan[:i].count((c, batching)))
-            runs.append(r)
-            print(f"c={c} batching={batching}: " + json.dumps({k: r[k] for k in (
-                "ttfa_from_release_first_segment_p95_s", "underruns", "audio_s_per_wall_s", "finished",
-                "mean_step_s", "mean_flow_s", "mean_hift_s") + tuple(f"first_chunk_{k}_p50_s" for k in TIMELINE)}),
-                flush=True)
-    finally:
-        await engine.close()
-    return meta, runs
+    plan = [(c, True) for c in args.concurrency]
+    if args.no_batching:
+        plan += [(c, False) for c in args.baseline_concurrency]
+    for c, batching in plan:
+        r = await run_once(engine, c, batching, args, "bench", llm_times, done[c, batching])
+        done[c, batching] += 1
+        runs.append({"variant": label, **r} if label else r)
+        print(f"{label + ' ' if label else ''}c={c} batching={batching}: " + json.dumps({k: r[k] for k in (
+            "ttfa_from_release_first_segment_p95_s", "underruns", "audio_s_per_wall_s", "finished",
+            "mean_step_s", "mean_flow_s", "mean_hift_s") + tuple(f"first_chunk_{k}_p50_s" for k in TIMELINE)}),
+            flush=True)
+    return runs
+
+
+def free_device_memory(cuda: bool) -> None:
+    """Return a closed engine's GPU memory (models, CUDA graphs) before the next one loads."""
+    import gc
+    gc.collect()
+    if cuda:
+        import torch
+        torch.cuda.empty_cache()
 
 
 def parse_args(argv=None):
@@ -403,6 +488,10 @@ def parse_args(argv=None):
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
                     help="any engine config key (configs/engine.yaml), e.g. --set max_chunk_tokens=200")
+    ap.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="LABEL=YAML",
+                    help="run the whole plan once per variant, each a fresh engine with these config "
+                    "overrides on top of --set, e.g. --variant base={} --variant 'cache={prefix_cache_voices: 4}'; "
+                    "variants with the same LLM settings share one LLM backend (vLLM starts once)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")

@@ -4,13 +4,16 @@
 #                                  # batched c=1,16,64,128 + --no-batching baseline; ws_loadgen c=64
 #   bash bench/h100_run.sh vllm    # engine_bench with the vLLM LLM (needs the vLLM bundle on PYTHONPATH);
 #                                  # NO_BATCHING=64 adds the one-stream-per-call baseline at c=64;
-#                                  # EXTRA="--set key=yaml ..." passes engine_bench arguments
+#                                  # EXTRA="--set key=yaml ..." passes engine_bench arguments;
+#                                  # VARIANTS="label={key: yaml}|label2={...}" runs the plan once per variant,
+#                                  # a fresh engine each on one vLLM start (engine_bench --variant)
 #   bash bench/h100_run.sh profile # bench/flow_profile.py: estimator/encoder/HiFT alone (no vLLM needed);
 #                                  # PROFILE_ARGS=--compile adds the estimator under torch.compile
 #   bash bench/h100_run.sh probe   # bench/prefix_probe.py: an estimator step with and without the prefix cache
 #   SWEEP="label:--set key=yaml ...|label2:..." bash bench/h100_run.sh sweep   # T_VARIANT: s per variant
 #                                  # (default 300; vLLM start + graph capture alone took over 150 s)
-#                                  # one vLLM engine_bench per variant (engine config overrides), c=$CONC
+#                                  # one vLLM engine_bench per variant, c=$CONC; for variants that change
+#                                  # the vLLM settings (otherwise VARIANTS=... with the vllm stage is cheaper)
 # Expects `pip install --no-deps -e .` done (vLLM plugin entry point). Results and logs go to $OUT;
 # a background nvidia-smi sampler records whole-card memory (vLLM's engine process included).
 set -u
@@ -38,9 +41,10 @@ case "$1" in
     tail -n 25 "$OUT/torch.md" 2>/dev/null; grep -E "Error|Traceback|error" "$OUT/torch.log" | head -5
     ;;
   vllm)
+    VARGS=(); IFS='|' read -ra VS <<< "${VARIANTS:-}"; for v in "${VS[@]}"; do VARGS+=(--variant "$v"); done
     smi vllm
     timeout ${T_BENCH:-540} python3 bench/engine_bench.py $COMMON --llm vllm --config configs/bench-h100-vllm.yaml \
-      --concurrency ${CONC:-1,16,64,128} ${NO_BATCHING:+--no-batching --baseline-concurrency $NO_BATCHING} ${EXTRA:-} \
+      --concurrency ${CONC:-1,16,64,128} ${NO_BATCHING:+--no-batching --baseline-concurrency $NO_BATCHING} ${EXTRA:-} "${VARGS[@]}" \
       --out-json "$OUT/vllm.json" --out-md "$OUT/vllm.md" \
       > "$OUT/vllm.log" 2>&1; echo "engine_bench vllm rc=$?"
     kill $SMI

@@ -359,7 +359,8 @@ class TTSEngine:
     """``engine.api.Engine`` over a model directory (see ``EngineConfig``)."""
 
     def __init__(self, config: EngineConfig | None = None, backend=None, models=None):
-        """``backend``/``models`` may be injected (tests); otherwise ``start`` builds them."""
+        """``backend`` (already started) and ``models`` may be injected; otherwise ``start`` builds
+        them. The engine owns its backend either way: ``close`` closes it unless told to keep it."""
         self.config = config or EngineConfig.load()
         self.backend = backend
         self.models = models
@@ -393,8 +394,6 @@ class TTSEngine:
         await asyncio.to_thread(self._build_frontend)
         if self.backend is None:
             self.backend = self._build_backend()
-            await self.backend.start()
-        elif cfg.llm_backend != "vllm":
             await self.backend.start()
         from engine.flow.prefix import PrefixStore, VoicePrefixCache
         from engine.streaming.runner import BatchedToken2Wav
@@ -464,12 +463,14 @@ class TTSEngine:
             return VLLMBackend(cfg.model_dir, VLLMOptions(**cfg.vllm))
         raise EngineError("invalid_field", f"unknown llm backend {cfg.llm_backend!r}")
 
-    async def close(self) -> None:
+    async def close(self, keep_backend: bool = False) -> None:
+        """Cancel every stream and stop the token2wav worker; close the LLM backend too unless
+        ``keep_backend`` (the caller takes it over, e.g. to start another engine on it)."""
         for s in list(self._streams.values()):
             s.cancel()
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.close)
-        if self.backend is not None:
+        if self.backend is not None and not keep_backend:
             await self.backend.close()
         self._ready = False
 

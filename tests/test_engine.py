@@ -278,6 +278,38 @@ def test_engine_bench_cpu_smoke(tiny_model_dir, tmp_path, one_thread):
     json.dumps({"meta": meta, "runs": runs})
 
 
+def test_engine_bench_variants_share_the_llm_backend(tiny_model_dir, monkeypatch, one_thread):
+    """``--variant``: a fresh engine per variant, on the previous variant's LLM backend while the
+    backend settings agree, on a new one (the old one closed) when they differ; runs are tagged."""
+    from bench.engine_bench import bench, markdown, parse_args
+    from engine.engine import TTSEngine
+    built, closed = [], []
+    build = TTSEngine._build_backend
+
+    def counting_build(self):
+        backend = build(self)
+        close = backend.close
+
+        async def counting_close():
+            closed.append(backend)
+            await close()
+        backend.close = counting_close
+        built.append(backend)
+        return backend
+    monkeypatch.setattr(TTSEngine, "_build_backend", counting_build)
+    args = parse_args(["--model", str(tiny_model_dir), "--device", "cpu", "--concurrency", "1", "--text-chars", "20",
+                       "--max-run-s", "6", "--no-warmup", "--ramp-s", "0",
+                       "--variant", "a={}", "--variant", "b={max_chunk_tokens: 50}",
+                       "--variant", "c={vllm: {max_num_seqs: 8}}"])
+    meta, runs = asyncio.run(bench(args))
+    assert [r["variant"] for r in runs] == ["a", "b", "c"]
+    assert all(r["audio_s"] > 0 for r in runs)
+    assert len(built) == 2 and closed == built               # a and b shared one; c got its own
+    assert meta["variants"]["b"]["overrides"] == {"max_chunk_tokens": 50}
+    table = markdown(meta, runs)
+    assert "| variant | c | batching |" in table and "\n| b | 1 | yes | " in table
+
+
 def test_text_normalization_switch(tiny_model_dir, one_thread):
     """On: wetext reads numbers out; off: the segment reaches the tokenizer as written."""
     async def main():
