@@ -67,7 +67,7 @@ def load_models(model_dir: str | Path, device: str | torch.device = "cpu",
     hift = _build(HiFTGenerator, cfg.hift)
     load_hift(hift, read_state_dict(md.hift), md.hift)
     hift = hift.to(dev).eval()
-    hift.fold_weight_norm()
+    hift.fold_weights()
     return Models(cfg, llm, flow, hift, dev, flow_dtype)
 
 

@@ -49,7 +49,7 @@ def sd(cfg) -> dict[str, torch.Tensor]:
 def hift(cfg, sd) -> HiFTGenerator:
     m = HiFTGenerator(cfg)
     load_hift(m, sd, "random")
-    m.fold_weight_norm()
+    m.fold_weights()
     return m.eval()
 
 
