@@ -370,7 +370,8 @@ async def bench(args) -> tuple[dict, list[dict]]:
             first_chunk = cfg.first_chunk_tokens + cfg.lookahead_tokens
             if llm_times is None or llm_times.backend is not backend:
                 llm_times = LLMTimes(backend, first_chunk)
-            llm_times.reset(first_chunk)
+            else:
+                llm_times.reset(first_chunk)
             try:
                 if meta is None:
                     meta = bench_meta(args, engine, cfg, load_s)
