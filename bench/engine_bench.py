@@ -355,11 +355,13 @@ async def bench(args) -> tuple[dict, list[dict]]:
     if args.no_cuda_graphs:
         overrides["cuda_graphs"] = False
     overrides.update(parse_settings(args.set))
+    variants = args.variant or [("", {})]
+    # Every variant's config first: a bad key fails now, not after the earlier variants' device time.
+    configs = [EngineConfig.load(args.config or DEFAULT_CONFIG, **{**overrides, **v}) for _, v in variants]
     meta, runs, backend, backend_key, llm_times = None, [], None, None, None
     done: collections.Counter = collections.Counter()   # runs per (concurrency, batching) so far
     try:
-        for label, variant in args.variant or [("", {})]:
-            cfg = EngineConfig.load(args.config or DEFAULT_CONFIG, **{**overrides, **variant})
+        for (label, variant), cfg in zip(variants, configs):
             key = [getattr(cfg, k) for k in BACKEND_KEYS]
             if backend is not None and key != backend_key:
                 await backend.close()

@@ -308,6 +308,11 @@ def test_engine_bench_variants_share_the_llm_backend(tiny_model_dir, monkeypatch
     assert meta["variants"]["b"]["overrides"] == {"max_chunk_tokens": 50}
     table = markdown(meta, runs)
     assert "| variant | c | batching |" in table and "\n| b | 1 | yes | " in table
+    bad = parse_args(["--model", str(tiny_model_dir), "--device", "cpu", "--variant", "a={}",
+                      "--variant", "b={no_such_key: 1}"])
+    with pytest.raises(ValueError, match="no_such_key"):       # before variant a starts anything
+        asyncio.run(bench(bad))
+    assert len(built) == 2
 
 
 def test_text_normalization_switch(tiny_model_dir, one_thread):
