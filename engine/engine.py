@@ -375,6 +375,15 @@ class TTSEngine:
 
     # ---- lifecycle ----
     async def start(self) -> None:
+        """Build what was not injected (LLM backend, models, frontend, token2wav worker, CUDA graphs)
+        and warm up. On failure it closes what it holds, the backend included, then raises."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
         cfg = self.config
         if cfg.llm_backend == "auto":
             cfg.llm_backend = resolve_llm_backend(cfg.device)

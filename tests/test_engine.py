@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from engine.api import AudioChunk, EngineError, InlinePrompt, SegmentEvent, StreamOptions
+from engine.checkpoint import CheckpointError
 from engine.engine import EngineConfig, TTSEngine
 
 TOKENS_PER_CHAR = 0.5
@@ -313,6 +314,21 @@ def test_engine_bench_variants_share_the_llm_backend(tiny_model_dir, monkeypatch
     with pytest.raises(ValueError, match="no_such_key"):       # before variant a starts anything
         asyncio.run(bench(bad))
     assert len(built) == 2
+
+
+def test_a_failed_start_closes_the_backend(tmp_path):
+    """The engine owns its LLM backend: when its start fails (here: no checkpoint), the backend is
+    closed before the error propagates, so nothing (a vLLM process) is left running."""
+    class Backend:
+        closed = False
+
+        async def close(self):
+            self.closed = True
+    backend = Backend()
+    eng = TTSEngine(EngineConfig.load(None, model_dir=str(tmp_path / "missing"), device="cpu"), backend=backend)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        asyncio.run(eng.start())
+    assert backend.closed and not eng.ready()
 
 
 def test_text_normalization_switch(tiny_model_dir, one_thread):
