@@ -379,7 +379,7 @@ async def bench(args) -> tuple[dict, list[dict]]:
                     meta = bench_meta(args, engine, cfg, load_s)
                 if label:
                     meta.setdefault("variants", {})[label] = {"overrides": variant, "load_s": round(load_s, 1)}
-                runs += await variant_runs(engine, args, llm_times, label, done)
+                await variant_runs(engine, args, llm_times, label, done, meta, runs)
             finally:
                 await engine.close(keep_backend=True)
                 del engine
@@ -435,14 +435,15 @@ def bench_meta(args, engine, cfg, load_s: float) -> dict:
             "max_run_s": args.max_run_s, "config": asdict(cfg)}
 
 
-async def variant_runs(engine, args, llm_times: LLMTimes, label: str, done: collections.Counter) -> list[dict]:
-    """The warm-up, then each measured run of the plan on ``engine``, tagged ``variant: label``.
+async def variant_runs(engine, args, llm_times: LLMTimes, label: str, done: collections.Counter,
+                       meta: dict, runs: list[dict]) -> None:
+    """The warm-up, then each measured run of the plan on ``engine``, tagged ``variant: label`` and
+    appended to ``runs`` (and to ``--out-json`` at once: a call cut short keeps what it measured).
     ``done`` counts the runs of each (concurrency, batching) of earlier variants too, so that no run
     repeats the texts of another (vLLM's prefix cache would skip their prefill)."""
     if args.warmup:
         await run_once(engine, min(4, max(args.concurrency)), True, argparse.Namespace(
             **{**vars(args), "text_chars": 30, "max_run_s": min(30.0, args.max_run_s)}), "bench", llm_times)
-    runs = []
     plan = [(c, True) for c in args.concurrency]
     if args.no_batching:
         plan += [(c, False) for c in args.baseline_concurrency]
@@ -450,11 +451,16 @@ async def variant_runs(engine, args, llm_times: LLMTimes, label: str, done: coll
         r = await run_once(engine, c, batching, args, "bench", llm_times, done[c, batching])
         done[c, batching] += 1
         runs.append({"variant": label, **r} if label else r)
+        if args.out_json:
+            write_json(args.out_json, meta, runs)
         print(f"{label + ' ' if label else ''}c={c} batching={batching}: " + json.dumps({k: r[k] for k in (
             "ttfa_from_release_first_segment_p95_s", "underruns", "audio_s_per_wall_s", "finished",
             "mean_step_s", "mean_flow_s", "mean_hift_s") + tuple(f"first_chunk_{k}_p50_s" for k in TIMELINE)}),
             flush=True)
-    return runs
+
+
+def write_json(path: str, meta: dict, runs: list[dict]) -> None:
+    Path(path).write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
 
 
 def free_device_memory(cuda: bool) -> None:
@@ -524,7 +530,7 @@ def main(argv=None) -> None:
     meta, runs = asyncio.run(bench(args))
     table = markdown(meta, runs)
     if args.out_json:
-        Path(args.out_json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
+        write_json(args.out_json, meta, runs)
     if args.out_md:   # appended: bench/RESULTS.md keeps earlier runs and other benchmarks' sections
         with open(args.out_md, "a") as f:
             f.write("\n" + table)

@@ -279,9 +279,12 @@ def test_engine_bench_cpu_smoke(tiny_model_dir, tmp_path, one_thread):
     json.dumps({"meta": meta, "runs": runs})
 
 
-def test_engine_bench_variants_share_the_llm_backend(tiny_model_dir, monkeypatch, one_thread):
+def test_engine_bench_variants_share_the_llm_backend(tiny_model_dir, tmp_path, monkeypatch, one_thread):
     """``--variant``: a fresh engine per variant, on the previous variant's LLM backend while the
-    backend settings agree, on a new one (the old one closed) when they differ; runs are tagged."""
+    backend settings agree, on a new one (the old one closed) when they differ; runs are tagged, and
+    the JSON is written as the runs finish (``bench`` itself writes it, not only ``main``)."""
+    import json
+
     from bench.engine_bench import bench, markdown, parse_args
     from engine.engine import TTSEngine
     built, closed = [], []
@@ -301,8 +304,9 @@ def test_engine_bench_variants_share_the_llm_backend(tiny_model_dir, monkeypatch
     args = parse_args(["--model", str(tiny_model_dir), "--device", "cpu", "--concurrency", "1", "--text-chars", "20",
                        "--max-run-s", "6", "--no-warmup", "--ramp-s", "0",
                        "--variant", "a={}", "--variant", "b={max_chunk_tokens: 50}",
-                       "--variant", "c={vllm: {max_num_seqs: 8}}"])
+                       "--variant", "c={vllm: {max_num_seqs: 8}}", "--out-json", str(tmp_path / "runs.json")])
     meta, runs = asyncio.run(bench(args))
+    assert json.loads((tmp_path / "runs.json").read_text())["runs"] == json.loads(json.dumps(runs))
     assert [r["variant"] for r in runs] == ["a", "b", "c"]
     assert all(r["audio_s"] > 0 for r in runs)
     assert len(built) == 2 and closed == built               # a and b shared one; c got its own
