@@ -286,7 +286,6 @@ def test_engine_bench_variants_share_the_llm_backend(tiny_model_dir, tmp_path, m
     import json
 
     from bench.engine_bench import bench, markdown, parse_args
-    from engine.engine import TTSEngine
     built, closed = [], []
     build = TTSEngine._build_backend
 
