@@ -64,6 +64,7 @@ def load_models(model_dir: str | Path, device: str | torch.device = "cpu",
     flow_dtype = resolve_dtype(dtype)
     if flow_dtype != torch.float32:
         flow.set_estimator_dtype(flow_dtype)
+    flow.decoder.estimator.fuse_projections()
     hift = _build(HiFTGenerator, cfg.hift)
     load_hift(hift, read_state_dict(md.hift), md.hift)
     hift = hift.to(dev).eval()

@@ -101,17 +101,25 @@ class SelfAttention(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self.register_buffer("qkv_weight", None, persistent=False)   # fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Also hold the q, k and v weights as one [3 * inner, dim] matrix, so that a call without a
+        prefix runs one GEMM instead of three. Call after loading weights (it copies them)."""
+        with torch.no_grad():
+            self.qkv_weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, prefix=None) -> torch.Tensor:
         """x [B, T, dim], bias [B, 1, T, K] additive (K = T, plus the prefix's keys) -> [B, T, dim]."""
         B, T, _ = x.shape
         def split_heads(y: torch.Tensor) -> torch.Tensor:
             return y.view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        q = split_heads(self.to_q(x))
-        if prefix is None:
-            k, v = split_heads(self.to_k(x)), split_heads(self.to_v(x))
+        if prefix is None and self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        elif prefix is None:
+            q, k, v = split_heads(self.to_q(x)), split_heads(self.to_k(x)), split_heads(self.to_v(x))
         else:
-            k, v = prefix.keys_values(self, x)
+            q, (k, v) = split_heads(self.to_q(x)), prefix.keys_values(self, x)
         # Under autocast q may be lower precision than the bias; SDPA wants them to match.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return self.to_out[0](out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
@@ -180,6 +188,12 @@ class CausalConditionalDecoder(nn.Module):
             CausalResnetBlock1D(2 * ch, ch, t_dim), _transformers(cfg, ch), CausalConv1d(ch, ch, 3)])])
         self.final_block = CausalBlock1D(ch, ch)
         self.final_proj = nn.Conv1d(ch, cfg.out_channels, 1)
+
+    def fuse_projections(self) -> None:
+        """``SelfAttention.fuse_projections`` for every attention layer (after loading weights)."""
+        for m in self.modules():
+            if isinstance(m, SelfAttention):
+                m.fuse_projections()
 
     def prefix_layers(self) -> tuple[list[SelfAttention], list[CausalConv1d]]:
         """The attention layers and causal convolutions a prefix serves, in a fixed order."""

@@ -26,11 +26,14 @@ def _cases(set_dir: str) -> dict:
     return common.cases(set_dir, "flow.pt")
 
 
-@functools.lru_cache(maxsize=1)
-def _model(set_dir: str) -> CausalMaskedDiffWithXvec:
+@functools.lru_cache(maxsize=2)
+def _model(set_dir: str, fused: bool = True) -> CausalMaskedDiffWithXvec:
+    """The set's flow model; ``fused``: with the attention projections fused, as ``load_models`` does."""
     model = CausalMaskedDiffWithXvec(common.config(set_dir).flow)
     path = common.weights(set_dir, "flow")
     load_strict(model, read_state_dict(path), path)
+    if fused:
+        model.decoder.estimator.fuse_projections()
     return model.eval()
 
 
@@ -97,11 +100,13 @@ def check(set_dir: Path, case_id: str) -> None:
         e = c["estimator"]
         x, mu, cond, spks = e["x"], e["mu"], e["cond"], e["spks"]
         T = x.shape[2]
-        with torch.inference_mode():
-            got = model.decoder.estimator(torch.cat([x, x]), torch.ones(2, 1, T), torch.cat([mu, torch.zeros_like(mu)]),
-                                          torch.full((2,), float(e["t"])), torch.cat([spks, torch.zeros_like(spks)]),
-                                          torch.cat([cond, torch.zeros_like(cond)]), mode == "streaming")
-        _close(case_id, got, e["expected"][mode])
+        for fused in (True, False):      # both ways of projecting q, k and v
+            with torch.inference_mode():
+                got = _model(str(set_dir), fused).decoder.estimator(
+                    torch.cat([x, x]), torch.ones(2, 1, T), torch.cat([mu, torch.zeros_like(mu)]),
+                    torch.full((2,), float(e["t"])), torch.cat([spks, torch.zeros_like(spks)]),
+                    torch.cat([cond, torch.zeros_like(cond)]), mode == "streaming")
+            _close(f"{case_id} (fused={fused})", got, e["expected"][mode])
         return
     if case_id.startswith("encoder-"):
         e = c["encoder"][int(case_id.split("-", 1)[1])]
