@@ -6,8 +6,11 @@ blocks, up block on concat([x, skip]), final causal block and 1x1 projection.
 
 The forward is free of host syncs and of shapes that depend on tensor values, so a caller can capture
 it in a CUDA graph per (rows, frames) bucket. Rows may have different valid lengths (``mask``) and
-per-row streaming flags; valid frames of a row never depend on its padded frames (causal convs see only
-the past, padded keys are masked in attention, and inputs are multiplied by the mask before each conv).
+per-row streaming flags; valid frames of a row never depend on its padded frames: causal convs see only
+the past, the other layers act per frame, and padded keys are masked in attention. So, unlike upstream,
+the forward multiplies by the mask only at the end (upstream also does before each conv and after each
+conv block, which changes only padded frames and costs ~75 kernels a step); padded input frames must
+be finite.
 
 A ``prefix`` (engine.flow.prefix) lets a call continue rows whose leading frames were computed before:
 every attention layer and causal convolution then asks it for the keys, values and inputs that come
@@ -60,18 +63,17 @@ class CausalConv1d(nn.Conv1d):
 
 
 class CausalBlock1D(nn.Module):
-    """x*mask -> causal conv k3 -> LayerNorm over channels -> Mish -> *mask."""
+    """causal conv k3 -> LayerNorm over channels -> Mish (upstream masks before and after)."""
 
     def __init__(self, dim: int, dim_out: int):
         super().__init__()
         # Keys "block.0" / "block.2" mirror upstream's Sequential(conv, transpose, norm, transpose, mish).
         self.block = nn.ModuleDict({"0": CausalConv1d(dim, dim_out, 3), "2": nn.LayerNorm(dim_out)})
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, prefix=None) -> torch.Tensor:
-        """x [B, C, T], mask [B, 1, T] -> [B, C_out, T]."""
-        h = self.block["0"](x * mask, prefix)
-        h = self.block["2"](h.transpose(1, 2)).transpose(1, 2)
-        return F.mish(h) * mask
+    def forward(self, x: torch.Tensor, prefix=None) -> torch.Tensor:
+        """x [B, C, T] -> [B, C_out, T]."""
+        h = self.block["0"](x, prefix)
+        return F.mish(self.block["2"](h.transpose(1, 2)).transpose(1, 2))
 
 
 class CausalResnetBlock1D(nn.Module):
@@ -82,12 +84,14 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor, prefix=None) -> torch.Tensor:
-        """x [B, C, T], mask [B, 1, T], t_emb [B, time_emb_dim] -> [B, C_out, T]."""
-        h = self.block1(x, mask, prefix)
-        h = h + self.mlp["1"](F.mish(t_emb)).unsqueeze(-1)
-        h = self.block2(h, mask, prefix)
-        return h + self.res_conv(x * mask)
+    def time_term(self, t_emb: torch.Tensor) -> torch.Tensor:
+        """t_emb [B, time_emb_dim] -> the term added after block1, [B, C_out, 1]."""
+        return self.mlp["1"](F.mish(t_emb)).unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor, time_term: torch.Tensor, prefix=None) -> torch.Tensor:
+        """x [B, C, T], time_term [B, C_out, 1] (``time_term``) -> [B, C_out, T]."""
+        h = self.block2(self.block1(x, prefix) + time_term, prefix)
+        return h + self.res_conv(x)
 
 
 class SelfAttention(nn.Module):
@@ -188,12 +192,30 @@ class CausalConditionalDecoder(nn.Module):
             CausalResnetBlock1D(2 * ch, ch, t_dim), _transformers(cfg, ch), CausalConv1d(ch, ch, 3)])])
         self.final_block = CausalBlock1D(ch, ch)
         self.final_proj = nn.Conv1d(ch, cfg.out_channels, 1)
+        self.register_buffer("time_weight", None, persistent=False)   # fuse_projections()
+        self.register_buffer("time_bias", None, persistent=False)
+
+    def resnets(self) -> list[CausalResnetBlock1D]:
+        """The resnet blocks in the order the forward runs them (down, mid..., up)."""
+        return [self.down_blocks[0][0], *(mid[0] for mid in self.mid_blocks), self.up_blocks[0][0]]
 
     def fuse_projections(self) -> None:
-        """``SelfAttention.fuse_projections`` for every attention layer (after loading weights)."""
+        """Copy weights into fused matrices so that a step runs fewer, larger GEMMs: q/k/v of every
+        attention layer (``SelfAttention.fuse_projections``) and the time terms of all resnet blocks
+        (one GEMM instead of a Mish and a GEMM per block). Call after loading weights."""
         for m in self.modules():
             if isinstance(m, SelfAttention):
                 m.fuse_projections()
+        with torch.no_grad():
+            self.time_weight = torch.cat([r.mlp["1"].weight for r in self.resnets()])
+            self.time_bias = torch.cat([r.mlp["1"].bias for r in self.resnets()])
+
+    def time_terms(self, t_emb: torch.Tensor) -> list[torch.Tensor]:
+        """Each resnet block's ``time_term`` ([B, C_out, 1]), in ``resnets`` order."""
+        if self.time_weight is None:
+            return [r.time_term(t_emb) for r in self.resnets()]
+        return list(F.linear(F.mish(t_emb), self.time_weight, self.time_bias).unsqueeze(-1)
+                    .split(self.cfg.channels[0], dim=1))
 
     def prefix_layers(self) -> tuple[list[SelfAttention], list[CausalConv1d]]:
         """The attention layers and causal convolutions a prefix serves, in a fixed order."""
@@ -227,14 +249,14 @@ class CausalConditionalDecoder(nn.Module):
                 h = block(h, bias, prefix)
             return h.transpose(1, 2)
 
+        time_terms = iter(self.time_terms(t_emb))
         resnet, blocks, conv = self.down_blocks[0]
-        h = transformers(blocks, resnet(h, mask, t_emb, prefix))
+        h = transformers(blocks, resnet(h, next(time_terms), prefix))
         skip = h
-        h = conv(h * mask, prefix)
+        h = conv(h, prefix)
         for resnet, blocks in self.mid_blocks:
-            h = transformers(blocks, resnet(h, mask, t_emb, prefix))
+            h = transformers(blocks, resnet(h, next(time_terms), prefix))
         resnet, blocks, conv = self.up_blocks[0]
-        h = transformers(blocks, resnet(torch.cat([h, skip], dim=1), mask, t_emb, prefix))
-        h = conv(h * mask, prefix)
-        h = self.final_block(h, mask, prefix)
-        return self.final_proj(h * mask) * mask
+        h = transformers(blocks, resnet(torch.cat([h, skip], dim=1), next(time_terms), prefix))
+        h = self.final_block(conv(h, prefix), prefix)
+        return self.final_proj(h) * mask
