@@ -64,8 +64,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out-md", default=None)
     ap.add_argument("--compile", action="store_true", help="also time the estimator under torch.compile "
                     "(dynamic shapes) inside the CUDA-graph buckets")
-    ap.add_argument("--qkv", action="store_true", help="also time the buckets with q, k and v as three GEMMs "
-                    "against the fused one (SelfAttention.fuse_projections, the default)")
+    ap.add_argument("--fused", action="store_true", help="also time the buckets with the projections unfused "
+                    "against fused (CausalConditionalDecoder.fuse_projections, the default)")
     args = ap.parse_args(argv)
     from engine.models import load_models
     models = load_models(args.model, args.device, args.dtype, load_llm=False)  # outside inference mode:
@@ -109,7 +109,7 @@ def profile(args, m) -> str:
 
     if args.compile:
         lines += compiled_estimator(est_eager, est, call, cfg, args.iters, dev, use_graphs)
-    if args.qkv:
+    if args.fused:
         lines += fused_projections(est_eager, call, cfg, args.iters, dev, use_graphs)
     if dev.type == "cuda":
         lines += estimator_kernels(call(est_eager, 32, 256), "Estimator kernels, eager, 32 rows x 256 frames")
@@ -217,24 +217,24 @@ def compiled_estimator(est_eager, est_graphed, estimator_call, cfg, iters: int, 
 
 
 def fused_projections(est_eager, estimator_call, cfg, iters: int, dev, use_graphs: bool) -> list[str]:
-    """Markdown rows: one Euler step through fresh CUDA-graph buckets with the attention layers' q, k
-    and v as three GEMMs, and as the one fused GEMM that ``load_models`` sets up."""
-    from engine.flow.estimator import SelfAttention
+    """Markdown rows: one Euler step through fresh CUDA-graph buckets with the projections as
+    ``load_models`` sets them up (``fuse_projections``: q/k/v in one GEMM per attention layer, all
+    resnet time terms in one) and unfused (three GEMMs per layer, a Mish and a GEMM per resnet)."""
     from engine.streaming.cuda_graphs import GraphedEstimator
-    layers = [m for m in est_eager.modules() if isinstance(m, SelfAttention)]
-    fused_weights = [m.qkv_weight for m in layers]
+    fused = {(m, name): getattr(m, name) for m in est_eager.modules()
+             for name in ("qkv_weight", "time_weight", "time_bias") if getattr(m, name, None) is not None}
     shapes = [(2, 96), (2, 420), (16, 160), (16, 420), (64, 160), (64, 420), (128, 256)]
     ms = {}
-    for fused in (False, True):
-        for m, w in zip(layers, fused_weights):
-            m.qkv_weight = w if fused else None
+    for on in (False, True):
+        for (m, name), w in fused.items():
+            setattr(m, name, w if on else None)
         graphed = GraphedEstimator(est_eager, cfg.graph_rows, cfg.graph_frames, cfg.graph_max_elements, use_graphs)
         for R, T in shapes:
             torch.manual_seed(0)
             call = estimator_call(graphed, R, T)
-            ms[fused, R, T] = timed(call, iters, dev), call().float()
-    lines = ["", "## Attention projections: q, k, v as three GEMMs or one (CUDA-graph buckets)", "",
-             "| rows | frames | 3 GEMMs ms | fused ms | speed-up | max abs diff |", "|---|---|---|---|---|---|"]
+            ms[on, R, T] = timed(call, iters, dev), call().float()
+    lines = ["", "## Fused projections: q/k/v and resnet time terms unfused or fused (CUDA-graph buckets)", "",
+             "| rows | frames | unfused ms | fused ms | speed-up | max abs diff |", "|---|---|---|---|---|---|"]
     for R, T in shapes:
         (a, out_a), (b, out_b) = ms[False, R, T], ms[True, R, T]
         lines.append(f"| {R} | {T} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {(out_a - out_b).abs().max().item():.2e} |")

@@ -9,7 +9,7 @@
 #                                  # a fresh engine each on one vLLM start (engine_bench --variant)
 #   bash bench/h100_run.sh profile # bench/flow_profile.py: estimator/encoder/HiFT alone (no vLLM needed);
 #                                  # PROFILE_ARGS=--compile adds the estimator under torch.compile,
-#                                  # --qkv the three q/k/v GEMMs against the fused one
+#                                  # --fused the projections unfused against fused
 #   bash bench/h100_run.sh probe   # bench/prefix_probe.py: an estimator step with and without the prefix cache
 #   SWEEP="label:--set key=yaml ...|label2:..." bash bench/h100_run.sh sweep   # T_VARIANT: s per variant
 #                                  # (default 300; vLLM start + graph capture alone took over 150 s)
@@ -69,7 +69,7 @@ case "$1" in
     python3 -m bench.flow_profile --model "$MODEL" --device cuda --dtype bfloat16 --out-md "$OUT/profile.md" ${PROFILE_ARGS:-} \
       > "$OUT/profile.log" 2>&1; echo "flow_profile rc=$?"
     grep -B2 -A40 "^## Estimator" "$OUT/profile.md" | head -60
-    grep -A10 "^## Attention projections" "$OUT/profile.md"
+    grep -A10 "^## Fused projections" "$OUT/profile.md"
     ;;
 esac
 echo "peak card memory MiB: $(sort -n "$OUT"/smi_*.csv 2>/dev/null | tail -1)"
