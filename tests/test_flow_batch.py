@@ -106,3 +106,24 @@ def test_bf16_estimator_option(set_dir):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     rel = ((out - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.05, f"bf16 relative L2 error {rel:.3g}"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_estimator_valid_frames_ignore_padded_inputs(flow, streaming):
+    """The estimator masks only its output (estimator module docstring): whatever finite values the
+    padded frames hold, the valid frames equal those of the row run alone, and the padded ones are 0."""
+    est = flow.decoder.estimator
+    gen = torch.Generator().manual_seed(3)
+    T, valid = 120, 77                                   # crosses a 50-frame chunk boundary
+    x, mu, cond = (torch.randn(1, 80, valid, generator=gen) for _ in range(3))
+    spks, t = torch.randn(1, 80, generator=gen), torch.tensor([0.37])
+
+    def padded(a):   # the valid frames, then large garbage
+        return torch.cat([a, 100 * torch.randn(1, 80, T - valid, generator=gen)], dim=2)
+
+    with torch.inference_mode():
+        alone = est(x, torch.ones(1, 1, valid), mu, t, spks, cond, streaming)
+        mask = (torch.arange(T) < valid).float().view(1, 1, T)
+        got = est(padded(x), mask, padded(mu), t, spks, padded(cond), streaming)
+    assert (got[..., :valid] - alone).abs().max().item() <= BATCH_ATOL
+    assert got[..., valid:].abs().max().item() == 0
