@@ -221,13 +221,10 @@ def fused_projections(est_eager, estimator_call, cfg, iters: int, dev, use_graph
     ``load_models`` sets them up (``fuse_projections``: q/k/v in one GEMM per attention layer, all
     resnet time terms in one) and unfused (three GEMMs per layer, a Mish and a GEMM per resnet)."""
     from engine.streaming.cuda_graphs import GraphedEstimator
-    fused = {(m, name): getattr(m, name) for m in est_eager.modules()
-             for name in ("qkv_weight", "time_weight", "time_bias") if getattr(m, name, None) is not None}
     shapes = [(2, 96), (2, 420), (16, 160), (16, 420), (64, 160), (64, 420), (128, 256)]
     ms = {}
     for on in (False, True):
-        for (m, name), w in fused.items():
-            setattr(m, name, w if on else None)
+        est_eager.fuse_projections(on)
         graphed = GraphedEstimator(est_eager, cfg.graph_rows, cfg.graph_frames, cfg.graph_max_elements, use_graphs)
         for R, T in shapes:
             torch.manual_seed(0)

@@ -107,11 +107,12 @@ class SelfAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
         self.register_buffer("qkv_weight", None, persistent=False)   # fuse_projections()
 
-    def fuse_projections(self) -> None:
+    def fuse_projections(self, fused: bool = True) -> None:
         """Also hold the q, k and v weights as one [3 * inner, dim] matrix, so that a call without a
-        prefix runs one GEMM instead of three. Call after loading weights (it copies them)."""
+        prefix runs one GEMM instead of three (``fused=False`` drops it). Call after loading weights
+        (it copies them)."""
         with torch.no_grad():
-            self.qkv_weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+            self.qkv_weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]) if fused else None
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, prefix=None) -> torch.Tensor:
         """x [B, T, dim], bias [B, 1, T, K] additive (K = T, plus the prefix's keys) -> [B, T, dim]."""
@@ -199,16 +200,17 @@ class CausalConditionalDecoder(nn.Module):
         """The resnet blocks in the order the forward runs them (down, mid..., up)."""
         return [self.down_blocks[0][0], *(mid[0] for mid in self.mid_blocks), self.up_blocks[0][0]]
 
-    def fuse_projections(self) -> None:
+    def fuse_projections(self, fused: bool = True) -> None:
         """Copy weights into fused matrices so that a step runs fewer, larger GEMMs: q/k/v of every
         attention layer (``SelfAttention.fuse_projections``) and the time terms of all resnet blocks
-        (one GEMM instead of a Mish and a GEMM per block). Call after loading weights."""
+        (one GEMM instead of a Mish and a GEMM per block). Call after loading weights;
+        ``fused=False`` drops the copies (the unfused path, same results)."""
         for m in self.modules():
             if isinstance(m, SelfAttention):
-                m.fuse_projections()
+                m.fuse_projections(fused)
         with torch.no_grad():
-            self.time_weight = torch.cat([r.mlp["1"].weight for r in self.resnets()])
-            self.time_bias = torch.cat([r.mlp["1"].bias for r in self.resnets()])
+            self.time_weight = torch.cat([r.mlp["1"].weight for r in self.resnets()]) if fused else None
+            self.time_bias = torch.cat([r.mlp["1"].bias for r in self.resnets()]) if fused else None
 
     def time_terms(self, t_emb: torch.Tensor) -> list[torch.Tensor]:
         """Each resnet block's ``time_term`` ([B, C_out, 1]), in ``resnets`` order."""

@@ -32,8 +32,7 @@ def _model(set_dir: str, fused: bool = True) -> CausalMaskedDiffWithXvec:
     model = CausalMaskedDiffWithXvec(common.config(set_dir).flow)
     path = common.weights(set_dir, "flow")
     load_strict(model, read_state_dict(path), path)
-    if fused:
-        model.decoder.estimator.fuse_projections()
+    model.decoder.estimator.fuse_projections(fused)
     return model.eval()
 
 
