@@ -202,16 +202,14 @@ def compiled_estimator(est_eager, est_graphed, estimator_call, cfg, iters: int, 
     t0 = time.perf_counter()
     estimator_call(compiled, 8, 256)()
     compile_s = time.perf_counter() - t0
-    lines = ["", f"## Estimator under torch.compile, in the CUDA-graph buckets (first compile and capture {compile_s:.0f} s)",
-             "", "| rows | frames | graph ms | compiled graph ms | speed-up | max abs diff |", "|---|---|---|---|---|---|"]
-    for R, T in [(2, 96), (2, 420), (16, 160), (16, 420), (64, 160), (64, 420), (128, 256), (32, 1024)]:
+    lines = ab_header(f"Estimator under torch.compile, in the CUDA-graph buckets (first compile and capture "
+                      f"{compile_s:.0f} s)", "graph ms", "compiled graph ms")
+    for R, T in AB_SHAPES + [(32, 1024)]:
         torch.manual_seed(0)
         call_p = estimator_call(est_graphed, R, T)
         torch.manual_seed(0)
         call_c = estimator_call(compiled, R, T)              # the same inputs
-        diff = (call_c().float() - call_p().float()).abs().max().item()
-        p_ms, c_ms = timed(call_p, iters, dev), timed(call_c, iters, dev)
-        lines.append(f"| {R} | {T} | {p_ms:.2f} | {c_ms:.2f} | {p_ms / c_ms:.2f}x | {diff:.2e} |")
+        lines.append(ab_row(R, T, timed(call_p, iters, dev), timed(call_c, iters, dev), call_p(), call_c()))
         print(lines[-1], flush=True)
     return lines
 
@@ -221,21 +219,34 @@ def fused_projections(est_eager, estimator_call, cfg, iters: int, dev, use_graph
     ``load_models`` sets them up (``fuse_projections``: q/k/v in one GEMM per attention layer, all
     resnet time terms in one) and unfused (three GEMMs per layer, a Mish and a GEMM per resnet)."""
     from engine.streaming.cuda_graphs import GraphedEstimator
-    shapes = [(2, 96), (2, 420), (16, 160), (16, 420), (64, 160), (64, 420), (128, 256)]
     ms = {}
-    for on in (False, True):
+    for on in (False, True):      # one state at a time: the fused weights live in the shared estimator
         est_eager.fuse_projections(on)
         graphed = GraphedEstimator(est_eager, cfg.graph_rows, cfg.graph_frames, cfg.graph_max_elements, use_graphs)
-        for R, T in shapes:
+        for R, T in AB_SHAPES:
             torch.manual_seed(0)
             call = estimator_call(graphed, R, T)
-            ms[on, R, T] = timed(call, iters, dev), call().float()
-    lines = ["", "## Fused projections: q/k/v and resnet time terms unfused or fused (CUDA-graph buckets)", "",
-             "| rows | frames | unfused ms | fused ms | speed-up | max abs diff |", "|---|---|---|---|---|---|"]
-    for R, T in shapes:
-        (a, out_a), (b, out_b) = ms[False, R, T], ms[True, R, T]
-        lines.append(f"| {R} | {T} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {(out_a - out_b).abs().max().item():.2e} |")
+            ms[on, R, T] = timed(call, iters, dev), call()
+    lines = ab_header("Fused projections: q/k/v and resnet time terms unfused or fused (CUDA-graph buckets)",
+                      "unfused ms", "fused ms")
+    for R, T in AB_SHAPES:
+        (a_ms, out_a), (b_ms, out_b) = ms[False, R, T], ms[True, R, T]
+        lines.append(ab_row(R, T, a_ms, b_ms, out_a, out_b))
     return lines
+
+
+# (rows, frames) of one Euler step that the A/B tables time: one stream to 64, short and long calls.
+AB_SHAPES = [(2, 96), (2, 420), (16, 160), (16, 420), (64, 160), (64, 420), (128, 256)]
+
+
+def ab_header(title: str, a: str, b: str) -> list[str]:
+    return ["", f"## {title}", "", f"| rows | frames | {a} | {b} | speed-up | max abs diff |", "|---|---|---|---|---|---|"]
+
+
+def ab_row(R: int, T: int, a_ms: float, b_ms: float, out_a: torch.Tensor, out_b: torch.Tensor) -> str:
+    """One table row: both times, A's time over B's, and the outputs' largest difference."""
+    diff = (out_a.float() - out_b.float()).abs().max().item()
+    return f"| {R} | {T} | {a_ms:.2f} | {b_ms:.2f} | {a_ms / b_ms:.2f}x | {diff:.2e} |"
 
 
 if __name__ == "__main__":
